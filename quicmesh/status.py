@@ -1,0 +1,172 @@
+"""Node status: the JSON document the control socket serves, its health verdict, and its table.
+
+The daemon builds the document (``build_status``); clients only read it, so `quicmesh status`,
+health checks and scripts all judge health by the same rule (``exit_code``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__
+
+SCHEMA = 1
+CERT_WARNING_DAYS = 30
+
+# Exit codes of `quicmesh status`, in the Nagios tradition (3 = "could not even ask").
+EXIT_HEALTHY = 0      # every configured peer is connected
+EXIT_UNREACHABLE = 1  # no daemon answers on the control socket
+EXIT_DEGRADED = 2     # the daemon runs, but some configured peer is not connected
+EXIT_USAGE = 3        # bad arguments or an unusable config file
+
+
+def format_address(address: Any) -> str:
+    """``("::1", 4433)`` -> ``[::1]:4433``; strings pass through; None -> ``-``."""
+    if address is None:
+        return "-"
+    if isinstance(address, str):
+        return address
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_status(node: Any, *, started: float, control: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document (schema 1) of a running ``Node``; raw numbers, JSON-ready."""
+    now = time.time()
+    peers = [peer.to_dict() for peer in node.peers()]
+    connected = sum(1 for peer in peers if peer.get("state") == "connected")
+    not_after: datetime = node.cert_not_after
+    return {
+        "schema": SCHEMA,
+        "node": node.name,
+        "mesh": node.mesh,
+        "listen": format_address(node.listen_address),
+        "cert_not_after": not_after.astimezone(timezone.utc).isoformat(),
+        "cert_days_left": (not_after.timestamp() - now) / 86400,
+        "peers_connected": connected,
+        "peers_total": len(peers),
+        "healthy": connected == len(peers),
+        "peers": peers,
+        "time": now,
+        "uptime": now - started,
+        "pid": os.getpid(),
+        "version": __version__,
+        "control": control or {},
+    }
+
+
+def exit_code(status: dict[str, Any] | None) -> int:
+    """The `quicmesh status` exit code for a status document (None: the daemon did not answer)."""
+    if status is None:
+        return EXIT_UNREACHABLE
+    return EXIT_HEALTHY if status["peers_connected"] >= status["peers_total"] else EXIT_DEGRADED
+
+
+# --- human formatting ---------------------------------------------------------------------------
+def format_duration(seconds: float) -> str:
+    """Coarse and short, for tables: 0.4s, 12s, 3m, 2h5m, 4d."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:.0f}m"
+    return f"{seconds // 86400:.0f}d"
+
+
+def format_rtt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def format_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    scale = 0
+    while count >= 1024 and scale < len(units) - 1:
+        count /= 1024
+        scale += 1
+    return f"{count:.0f} B" if scale == 0 else f"{count:.1f} {units[scale]}"
+
+
+def format_cert(days_left: float) -> str:
+    if days_left < 0:
+        return f"cert EXPIRED {format_duration(-days_left * 86400)} ago"
+    left = f"{days_left:.0f}d" if days_left >= 1 else format_duration(days_left * 86400)
+    warning = " WARNING: renew it soon" if days_left < CERT_WARNING_DAYS else ""
+    return f"cert {left} left{warning}"
+
+
+def _ago(then: float | None, now: float) -> str:
+    if not then:
+        return "-"
+    seconds = max(0.0, now - then)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{format_duration(seconds)} ago"
+
+
+def _problem(peer: dict[str, Any]) -> str:
+    """LAST-ERROR/NEXT-RETRY: why a peer is not (or was not) connected, and when it is retried."""
+    parts = []
+    if peer.get("last_error"):
+        parts.append(str(peer["last_error"]))
+    if peer.get("state") != "connected" and peer.get("next_retry") is not None:
+        parts.append(f"retry in {format_duration(max(0.0, peer['next_retry']))}")
+    return ", ".join(parts) or "-"
+
+
+def peer_row(peer: dict[str, Any], now: float) -> list[str]:
+    counters = peer.get("counters") or {}
+    connected = peer.get("state") == "connected"
+    return [
+        str(peer.get("name", "?")),
+        str(peer.get("state", "?")),
+        format_address(peer.get("remote_address") if connected and peer.get("remote_address") else peer.get("address")),
+        format_rtt(peer.get("rtt")) if connected else "-",
+        _ago(peer.get("last_seen"), now),
+        f"{counters.get('datagrams_in', 0)}/{counters.get('datagrams_out', 0)}",
+        f"{counters.get('messages_in', 0)}/{counters.get('messages_out', 0)}",
+        f"{format_bytes(counters.get('bytes_in', 0))}/{format_bytes(counters.get('bytes_out', 0))}",
+        str(counters.get("datagrams_dropped", 0)),
+        _problem(peer),
+    ]
+
+
+COLUMNS = ["PEER", "STATE", "ADDRESS", "RTT", "LAST-SEEN", "DGRAM-IN/OUT", "MSG-IN/OUT", "BYTES-IN/OUT",
+           "DROPS", "LAST-ERROR/NEXT-RETRY"]
+
+
+def header(status: dict[str, Any]) -> str:
+    return (f"node {status['node']}  mesh {status['mesh']}  listen {status['listen']}  "
+            f"peers {status['peers_connected']}/{status['peers_total']} connected  "
+            f"{format_cert(status['cert_days_left'])}")
+
+
+def render(status: dict[str, Any]) -> str:
+    """The human status: a header line, then one aligned line per peer."""
+    now = status.get("time") or time.time()
+    rows = [COLUMNS] + [peer_row(peer, now) for peer in status["peers"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [header(status)]
+    if status["peers"]:
+        lines += ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]])
+                  for row in rows]
+    else:
+        lines.append("no peers configured")
+    return "\n".join(lines)
+
+
+def problem_summary(status: dict[str, Any]) -> str:
+    """One line saying which peers are down and why (for `--check` and the demo)."""
+    down = [f"{p.get('name')} ({p.get('state')}" + (f": {_problem(p)})" if _problem(p) != "-" else ")")
+            for p in status["peers"] if p.get("state") != "connected"]
+    head = f"{status['node']}: {status['peers_connected']}/{status['peers_total']} peers connected"
+    return head + (f"; not connected: {', '.join(down)}" if down else "")
