@@ -1,0 +1,86 @@
+"""Fixtures for the containers tier: real quicmesh nodes in rootful podman containers.
+
+The whole directory skips, with the reason, where it cannot run (not root, no podman, no base image and
+.ci/setup-containers.sh cannot make one). Numbers measured by the tests are printed at the end of the
+session, because they are the point of this tier as much as the pass/fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # `deploy` is a top-level folder of the checkout, not an installed package
+
+from deploy import cluster as harness  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MEASURED = harness.Measurements()
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why this tier cannot run here, or None. Makes the base image on first use if possible."""
+    if os.geteuid() != 0:
+        return "containers tier needs root (rootful podman); run as root, as CI does"
+    if shutil.which("podman") is None:
+        return "podman not installed: run `bash .ci/setup-containers.sh` as root"
+    if subprocess.run(["podman", "image", "exists", harness.BASE_IMAGE]).returncode != 0:
+        setup = subprocess.run(["bash", str(REPO / ".ci" / "setup-containers.sh"), sys.prefix],
+                               capture_output=True, text=True, timeout=600)
+        if setup.returncode != 0:
+            return f"base image {harness.BASE_IMAGE} cannot be built: {setup.stderr.strip()[-500:]}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mine = [item for item in items if HERE in Path(str(item.fspath)).parents]
+    if mine and (reason := unavailable()):
+        for item in mine:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if MEASURED.rows:
+        terminalreporter.section("quicmesh containers: measured")
+        width = max(len(what) for what, _ in MEASURED.rows)
+        for what, value in MEASURED.rows:
+            terminalreporter.write_line(f"{what:<{width}}  {value}")
+
+
+@pytest.fixture(scope="session")
+def measured() -> harness.Measurements:
+    return MEASURED
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """localhost/quicmesh:test built from this checkout (reused while the sources are unchanged)."""
+    started = time.monotonic()
+    built = harness.build_image(log=lambda _: None)
+    MEASURED.add("app image", f"{'built' if built else 'cached'} in {time.monotonic() - started:.1f} s")
+    return harness.IMAGE
+
+
+@pytest.fixture(scope="session")
+def mesh(image: str):
+    """One 5-node cluster shared by the tests that leave it whole; measures its convergence."""
+    started = time.monotonic()
+    with harness.Cluster(5, image=image) as cluster:
+        up = time.monotonic() - started
+        try:
+            converged = harness.wait_until(cluster.full_mesh, timeout=60, interval=0.05, what="full mesh")
+        except TimeoutError:
+            pytest.fail("5-node mesh did not converge in 60 s:\n" + "\n".join(
+                f"{node}: {status}\n{cluster.logs(node, 15)}" for node, status in cluster.status_all().items()))
+        MEASURED.add("5 containers up", f"{up:.2f} s")
+        MEASURED.add("full mesh (5 nodes, 20 links) after containers up", f"{converged:.2f} s")
+        yield cluster
