@@ -44,6 +44,7 @@ def build_status(node: Any, *, started: float, control: dict[str, Any] | None = 
         "node": node.name,
         "mesh": node.mesh,
         "listen": format_address(node.listen_address),
+        "fingerprint": node.fingerprint,
         "cert_not_after": not_after.astimezone(timezone.utc).isoformat(),
         "cert_days_left": (not_after.timestamp() - now) / 86400,
         "peers_connected": connected,
