@@ -1,0 +1,312 @@
+"""One UDP socket, many QUIC connections: the thin asyncio layer under the node.
+
+aioquic's own asyncio helpers open a new socket per outgoing connection; a mesh node must accept and dial
+from ONE port (peers and firewalls know that port), so this module owns the socket and routes every packet
+by its destination connection ID, the way aioquic's QuicServer does, for dialed and accepted connections
+alike. It knows nothing of the mesh: what to do with a connection's events is the handler's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from ._aioquic import MeshQuicConnection
+
+log = logging.getLogger("quicmesh.transport")
+
+Address = tuple[str, int]
+
+#: How many datagrams one readable event may drain before yielding to the event loop.
+_READ_BATCH = 256
+_SMALLEST_INITIAL = 1200
+
+
+@dataclass(eq=False)
+class Link:
+    """One QUIC connection on the endpoint, with the bookkeeping the endpoint needs for it."""
+
+    conn_id: int
+    quic: MeshQuicConnection
+    dialed: bool
+    address: Address | None = None
+    cids: set[bytes] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float | None = None
+    last_received: float = 0.0
+    terminated: bool = False
+
+
+class LinkHandler(Protocol):
+    def link_accepted(self, link: Link) -> None: ...
+    def link_event(self, link: Link, event: events.QuicEvent) -> None: ...
+    def link_terminated(self, link: Link, event: events.ConnectionTerminated) -> None: ...
+    def before_flush(self, link: Link) -> None: ...
+
+
+class Endpoint:
+    """Owns the UDP socket; creates, routes, times and flushes QUIC connections."""
+
+    def __init__(
+        self,
+        handler: LinkHandler,
+        make_server_connection: Callable[[bytes], MeshQuicConnection],
+        *,
+        supported_versions: list[int],
+        receive_size: int = 2048,
+    ) -> None:
+        self._handler = handler
+        self._make_server_connection = make_server_connection
+        self._supported_versions = supported_versions
+        self._receive_size = max(receive_size, 1500)
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = None
+        self._routes: dict[bytes, Link] = {}
+        self._links: dict[int, Link] = {}
+        self._next_conn_id = 1
+        self._dirty: dict[int, Link] = {}
+        self._flush_scheduled = False
+        self.packets_in = 0
+        self.packets_out = 0
+        self.send_errors = 0
+        self.stray_packets = 0
+
+    # --- socket ---------------------------------------------------------------------------
+    def open(self, host: str, port: int) -> Address:
+        """Bind the socket (IPv4, or dual-stack IPv6 for a v6 host) and start reading."""
+        family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+                except OSError:  # pragma: no cover - capped by the kernel, best effort
+                    pass
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        bound = sock.getsockname()
+        return (bound[0], bound[1])
+
+    @property
+    def family(self) -> int:
+        assert self._sock is not None
+        return self._sock.family
+
+    def close(self) -> None:
+        """Stop reading and close the socket (connections should have been closed first)."""
+        for link in list(self._links.values()):
+            self._forget(link)
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    # --- connections ----------------------------------------------------------------------
+    def new_client_link(self, quic: MeshQuicConnection) -> Link:
+        """Register a client connection; :meth:`connect` starts it once the address is resolved."""
+        return self._register(quic, dialed=True)
+
+    def connect(self, link: Link, address: Address) -> None:
+        """Send the first Initial of a client connection from the shared socket."""
+        link.address = address
+        link.quic.connect(address, now=self._loop.time())
+        self.touch(link)
+
+    def abandon(self, link: Link) -> None:
+        """Forget a client connection that never sent a packet (its address did not resolve)."""
+        self._forget(link)
+
+    def links(self) -> list[Link]:
+        return list(self._links.values())
+
+    def touch(self, link: Link) -> None:
+        """Something was queued on the connection: flush it at the end of this loop iteration."""
+        self._dirty[link.conn_id] = link
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_dirty)
+
+    def _register(self, quic: MeshQuicConnection, *, dialed: bool) -> Link:
+        link = Link(conn_id=self._next_conn_id, quic=quic, dialed=dialed)
+        self._next_conn_id += 1
+        self._links[link.conn_id] = link
+        self._route(link, quic.host_cid)
+        return link
+
+    def _route(self, link: Link, cid: bytes) -> None:
+        link.cids.add(cid)
+        self._routes[cid] = link
+
+    def _forget(self, link: Link) -> None:
+        link.terminated = True
+        for cid in link.cids:
+            if self._routes.get(cid) is link:
+                del self._routes[cid]
+        link.cids.clear()
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        self._links.pop(link.conn_id, None)
+        self._dirty.pop(link.conn_id, None)
+
+    # --- receive --------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        now = self._loop.time()
+        size = self._receive_size
+        for _ in range(_READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
+                log.debug("socket receive error: %s", error)
+                continue
+            self.packets_in += 1
+            self._datagram_received(data, (addr[0], addr[1]), now)
+        self._flush_dirty()
+
+    def _datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+        if not data:
+            return
+        first = data[0]
+        if first & 0x80:  # long header: DCID length at byte 5
+            if len(data) < 6:
+                self.stray_packets += 1
+                return
+            dcid = data[6 : 6 + data[5]]
+        else:
+            dcid = data[1:9]
+        link = self._routes.get(dcid)
+        if link is None:
+            link = self._accept(data, addr, now)
+            if link is None:
+                return
+        link.last_received = now
+        link.quic.receive_datagram(data, addr, now)
+        self._process(link)
+
+    def _accept(self, data: bytes, addr: Address, now: float) -> Link | None:
+        """A packet for no known connection: start a server connection if it is a valid Initial."""
+        if not data[0] & 0x80:
+            self.stray_packets += 1
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            self.stray_packets += 1
+            return None
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in self._supported_versions
+        ):
+            self._sendto(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self._supported_versions,
+                ),
+                addr,
+            )
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < _SMALLEST_INITIAL:
+            self.stray_packets += 1
+            return None
+        quic = self._make_server_connection(header.destination_cid)
+        link = self._register(quic, dialed=False)
+        link.address = addr
+        self._route(link, header.destination_cid)
+        self._handler.link_accepted(link)
+        return link
+
+    # --- events, timers, send ---------------------------------------------------------------
+    def _process(self, link: Link) -> None:
+        """Drain the connection's events to the handler and mark it for flushing."""
+        quic = link.quic
+        handler = self._handler
+        while (event := quic.next_event()) is not None:
+            kind = type(event)
+            if kind is events.ConnectionIdIssued:
+                self._route(link, event.connection_id)
+            elif kind is events.ConnectionIdRetired:
+                if self._routes.get(event.connection_id) is link:
+                    del self._routes[event.connection_id]
+                link.cids.discard(event.connection_id)
+            elif kind is events.ConnectionTerminated:
+                self._forget(link)
+                handler.link_terminated(link, event)
+                return
+            else:
+                handler.link_event(link, event)
+        self._dirty[link.conn_id] = link
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        while self._dirty:
+            _, link = self._dirty.popitem()
+            self._flush(link)
+
+    def _flush(self, link: Link) -> None:
+        if link.terminated:
+            return
+        self._handler.before_flush(link)
+        self._send_pending(link)
+        timer_at = link.quic.get_timer()
+        if timer_at != link.timer_at:
+            if link.timer is not None:
+                link.timer.cancel()
+            link.timer_at = timer_at
+            link.timer = None if timer_at is None else self._loop.call_at(timer_at, self._on_timer, link)
+
+    def _send_pending(self, link: Link) -> None:
+        for data, addr in link.quic.datagrams_to_send(now=self._loop.time()):
+            self._sendto(data, addr)
+
+    def _sendto(self, data: bytes, addr: Address) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(data, addr)
+            self.packets_out += 1
+        except OSError as error:  # full buffer or unreachable: the datagram is lost, QUIC recovers
+            self.send_errors += 1
+            log.debug("send to %s failed: %s", addr, error)
+
+    def _on_timer(self, link: Link) -> None:
+        link.timer = None
+        link.timer_at = None
+        if link.terminated:
+            return
+        link.quic.handle_timer(now=self._loop.time())
+        self._process(link)
+        self._flush_dirty()
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
