@@ -24,7 +24,7 @@ from aioquic import tls
 from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 
-from .errors import IdentityError, RevokedError, ValidityError
+from .errors import ChainError, IdentityError, RevokedError, ValidityError
 
 #: The TLS hook: given the peer's chain (leaf first), return the verified peer object or raise.
 PeerVerifier = Callable[[Sequence[x509.Certificate]], Any]
@@ -79,7 +79,11 @@ class MeshQuicConnection(QuicConnection):
             original_verify = context._client_handle_certificate_verify
 
             def client_handle_certificate_verify(input_buf: Any) -> None:
-                original_verify(input_buf)  # signature and aioquic's own chain check (mesh CA only)
+                try:
+                    original_verify(input_buf)  # signature and aioquic's own chain check (mesh CA only)
+                except tls.Alert as alert:
+                    self.verify_error = ChainError(f"peer certificate refused: {alert}")
+                    raise
                 self._run_verifier()
 
             context._client_handle_certificate_verify = client_handle_certificate_verify

@@ -25,7 +25,7 @@ def free_udp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def make_mesh(
-    directory: Path, names: list[str], *, mesh: str = "test", fast: bool = True
+    directory: Path, names: list[str], *, mesh: str = "test", fast: bool = True, **bootstrap_options: object
 ) -> dict[str, Config]:
     """Bootstrap ``names`` on 127.0.0.1 into ``directory``; return each node's loaded config.
 
@@ -34,7 +34,7 @@ def make_mesh(
     """
     ports = free_udp_ports(len(names))
     specs = [parse_node_spec(f"{name}=127.0.0.1:{port}") for name, port in zip(names, ports)]
-    bootstrap(directory, mesh, specs)
+    bootstrap(directory, mesh, specs, **bootstrap_options)  # type: ignore[arg-type]
     configs = {}
     for name in names:
         config = load_config(directory / name / "node.toml")
