@@ -105,9 +105,11 @@ def test_validity_is_clipped_to_the_issuer(tmp_path):
     assert "clipped to the issuing CA's expiry" in issued.notes[0]
 
 
-def test_expired_ca_cannot_issue(tmp_path, root):
+def test_ca_outside_its_validity_cannot_issue(tmp_path, root):
     with pytest.raises(PkiError, match="expired on"):
         issue_node_cert(root, "alpha", tmp_path / "alpha", now=NOW + dt.timedelta(days=4000))
+    with pytest.raises(PkiError, match="cannot issue yet"):
+        issue_node_cert(root, "alpha", tmp_path / "alpha", now=NOW - dt.timedelta(days=1))
 
 
 def test_intermediate_chain(tmp_path, root):

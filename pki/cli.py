@@ -1,0 +1,279 @@
+"""quicmesh-pki: the command-line shell over pki.authority, pki.bootstrap and pki.report.
+
+Exit codes: 0 done; 1 `verify` refused the certificate; 2 an operator mistake, reported as ONE line
+"quicmesh-pki: error: ..." on stderr (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from cryptography import x509
+
+from quicmesh.errors import IdentityError, QuicmeshError
+from quicmesh.identity import certificate_label, fingerprint, format_utc, load_certificates
+
+from . import PkiError
+from .authority import (
+    DEFAULT_CA_DAYS,
+    DEFAULT_CRL_DAYS,
+    DEFAULT_INTERMEDIATE_DAYS,
+    DEFAULT_KEY_TYPE,
+    DEFAULT_NODE_DAYS,
+    KEY_TYPES,
+    CertificateAuthority,
+    CrlUpdate,
+    Issued,
+    create_intermediate_ca,
+    create_root_ca,
+    issue_node_cert,
+    revoke,
+    update_crl,
+)
+from .bootstrap import bootstrap, parse_node_spec
+from .layout import BOOTSTRAP_CA, MANIFEST, NODE_CONFIG
+from .report import describe_file, format_text, trust_policy_for
+
+PROG = "quicmesh-pki"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is reported in one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # e.g. `quicmesh-pki print x.crt | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (QuicmeshError, OSError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands -----------------------------------------------------------------------------------
+def _run_ca(args: argparse.Namespace) -> int:
+    passphrase = _passphrase(args.passphrase_file, args.passphrase_env)
+    if args.intermediate:
+        if args.issuer_dir is None:
+            raise PkiError("--intermediate needs --issuer-dir, the directory of the CA that signs it")
+        issuer_passphrase = _passphrase(args.issuer_passphrase_file, args.issuer_passphrase_env)
+        issuer = CertificateAuthority.open(args.issuer_dir, issuer_passphrase)
+        if args.mesh not in (None, issuer.mesh):
+            raise PkiError(f"the issuer in {args.issuer_dir} is the CA of mesh {issuer.mesh!r}, not {args.mesh!r}")
+        days = DEFAULT_INTERMEDIATE_DAYS if args.days is None else args.days
+        issued = create_intermediate_ca(args.out, issuer, key_type=args.key_type, days=days,
+                                        passphrase=passphrase, force=args.force)
+    else:
+        if args.issuer_dir is not None:
+            raise PkiError("--issuer-dir is only for --intermediate")
+        if args.mesh is None:
+            raise PkiError("a root CA needs --mesh MESH")
+        days = DEFAULT_CA_DAYS if args.days is None else args.days
+        issued = create_root_ca(args.out, args.mesh, key_type=args.key_type, days=days,
+                                passphrase=passphrase, force=args.force)
+    _report_issued(issued)
+    return 0
+
+
+def _run_sign(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.ca_dir, _passphrase(args.passphrase_file, args.passphrase_env))
+    _report_issued(issue_node_cert(ca, args.node, args.out, dns=args.dns, ips=args.ip, days=args.days,
+                                   key_type=args.key_type, force=args.force))
+    return 0
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.ca_dir, _passphrase(args.passphrase_file, args.passphrase_env))
+    _report_crl(revoke(ca, args.target, args.cert, days=args.crl_days))
+    return 0
+
+
+def _run_crl(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.open(args.ca_dir, _passphrase(args.passphrase_file, args.passphrase_env))
+    _report_crl(update_crl(ca, days=args.crl_days))
+    return 0
+
+
+def _run_print(args: argparse.Namespace) -> int:
+    items = describe_file(args.file)
+    print(json.dumps(items, indent=2) if args.json else format_text(items))
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    policy = trust_policy_for(args.ca, args.crl, args.mesh)
+    chain = load_certificates(args.cert)
+    try:
+        identity = policy.verify(chain, expect_node=args.node)
+    except IdentityError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"OK: {identity.uri} ({fingerprint(chain[0])})")
+    return 0
+
+
+def _run_bootstrap(args: argparse.Namespace) -> int:
+    specs = [parse_node_spec(text) for text in args.nodes]
+    result = bootstrap(args.out, args.mesh, specs, key_type=args.key_type, days=args.days, ca_days=args.ca_days,
+                       passphrase=_passphrase(args.passphrase_file, args.passphrase_env))
+    _warn(result.notes)
+    out = result.out_dir
+    print(f"{'created' if result.ca_created else 'kept'} the CA of mesh {args.mesh} in {out / BOOTSTRAP_CA}")
+    for name in result.created:
+        print(f"created node {name} in {out / name} (new key and certificate)")
+    for name in result.kept:
+        print(f"kept node {name} in {out / name} (existing key and certificate unchanged)")
+    print(f"wrote {NODE_CONFIG} for every node, and {out / MANIFEST}")
+    print(f"start a node with: quicmesh run -c {out / (result.created + result.kept)[0] / NODE_CONFIG}")
+    return 0
+
+
+# --- output helpers -----------------------------------------------------------------------------
+def _report_issued(issued: Issued) -> None:
+    _warn(issued.notes)
+    print(f"wrote {issued.key_path} (0600) and {issued.cert_path}")
+    print(f"  {certificate_label(issued.cert)}")
+    print(f"  fingerprint {fingerprint(issued.cert)}, valid until {format_utc(issued.cert.not_valid_after_utc)}")
+
+
+def _report_crl(update: CrlUpdate) -> None:
+    for verb, certs in (("revoked", update.revoked), ("already revoked", update.already_revoked)):
+        for cert in certs:
+            print(f"{verb}: {_cert_line(cert)}")
+    next_update = update.crl.next_update_utc
+    print(f"wrote {update.path}: {len(update.crl)} revoked, next update due "
+          f"{format_utc(next_update) if next_update else 'never'}")
+    for path in update.refreshed:
+        print(f"refreshed {path}")
+    print("send SIGHUP to the nodes (or restart them) so they reload the CRL")
+
+
+def _cert_line(cert: x509.Certificate) -> str:
+    return f"{certificate_label(cert)} (serial {cert.serial_number:x}, {fingerprint(cert)})"
+
+
+def _warn(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
+
+
+def _passphrase(file: Path | None, env: str | None) -> bytes | None:
+    """The passphrase from --passphrase-file (first line) or --passphrase-env, or None if neither is given."""
+    if file is not None:
+        lines = file.read_bytes().splitlines()
+        passphrase = lines[0] if lines else b""
+    elif env is not None:
+        if env not in os.environ:
+            raise PkiError(f"environment variable {env} (from --passphrase-env) is not set")
+        passphrase = os.environ[env].encode()
+    else:
+        return None
+    if not passphrase:
+        raise PkiError("the passphrase is empty")
+    return passphrase
+
+
+# --- the parser ---------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="The PKI of a quicmesh mesh: CA, node certificates, revocation, "
+                                            "bootstrap. Details: docs/PKI.md.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    key_types = f"{', '.join(KEY_TYPES)} (default {DEFAULT_KEY_TYPE})"
+
+    ca = commands.add_parser("ca", help="create a root CA, or an intermediate CA signed by an existing CA")
+    ca.add_argument("--mesh", help="the mesh this CA serves (required for a root; an intermediate inherits it)")
+    ca.add_argument("--out", type=Path, required=True, help="the CA directory to create")
+    ca.add_argument("--intermediate", action="store_true", help="create an intermediate CA (needs --issuer-dir)")
+    ca.add_argument("--issuer-dir", type=Path, help="the directory of the CA that signs the intermediate")
+    ca.add_argument("--key-type", default=DEFAULT_KEY_TYPE, help=f"CA key type: {key_types}")
+    ca.add_argument("--days", type=int, help=f"validity (default {DEFAULT_CA_DAYS} for a root, "
+                    f"{DEFAULT_INTERMEDIATE_DAYS} for an intermediate, which never outlives its issuer)")
+    _passphrase_options(ca, "passphrase", "encrypt the new CA key with the passphrase")
+    _passphrase_options(ca, "issuer-passphrase", "unlock the issuer's key with the passphrase")
+    ca.add_argument("--force", action="store_true", help="replace an existing CA key and certificate")
+    ca.set_defaults(run=_run_ca)
+
+    sign = commands.add_parser("sign", help="issue a node key and certificate")
+    sign.add_argument("node", help="the node name (a DNS label)")
+    sign.add_argument("--ca-dir", type=Path, required=True, help="the directory of the issuing CA")
+    sign.add_argument("--out", type=Path, required=True, help="where to write node.key and node.crt")
+    sign.add_argument("--dns", action="append", default=[], metavar="NAME", help="add a DNS SAN (repeatable)")
+    sign.add_argument("--ip", action="append", default=[], metavar="ADDR", help="add an IP SAN (repeatable)")
+    sign.add_argument("--days", type=int, default=DEFAULT_NODE_DAYS,
+                      help=f"validity (default {DEFAULT_NODE_DAYS}; clipped to the CA's expiry)")
+    sign.add_argument("--key-type", default=DEFAULT_KEY_TYPE, help=f"node key type: {key_types}")
+    _passphrase_options(sign, "passphrase", "unlock the CA key with the passphrase")
+    sign.add_argument("--force", action="store_true", help="replace an existing node.key and node.crt")
+    sign.set_defaults(run=_run_sign)
+
+    revoke_ = commands.add_parser("revoke", help="revoke a node's certificates (or one by fingerprint)")
+    revoke_.add_argument("target", nargs="?", metavar="NODE|FINGERPRINT",
+                         help="a node name (all its certificates) or a sha256 fingerprint")
+    revoke_.add_argument("--ca-dir", type=Path, required=True, help="the directory of the issuing CA")
+    revoke_.add_argument("--cert", type=Path, metavar="FILE", help="the certificate to revoke, if not recorded")
+    revoke_.add_argument("--crl-days", type=int, default=DEFAULT_CRL_DAYS,
+                         help=f"days until the CRL's next update (default {DEFAULT_CRL_DAYS})")
+    _passphrase_options(revoke_, "passphrase", "unlock the CA key with the passphrase")
+    revoke_.set_defaults(run=_run_revoke)
+
+    crl = commands.add_parser("crl", help="re-sign the CRL with a new next-update date (nothing revoked)")
+    crl.add_argument("--ca-dir", type=Path, required=True, help="the directory of the CA")
+    crl.add_argument("--crl-days", type=int, default=DEFAULT_CRL_DAYS,
+                     help=f"days until the CRL's next update (default {DEFAULT_CRL_DAYS})")
+    _passphrase_options(crl, "passphrase", "unlock the CA key with the passphrase")
+    crl.set_defaults(run=_run_crl)
+
+    print_ = commands.add_parser("print", help="show a certificate, chain, CA certificate or CRL")
+    print_.add_argument("file", type=Path, help="a PEM file")
+    print_.add_argument("--json", action="store_true", help="print JSON instead of text")
+    print_.set_defaults(run=_run_print)
+
+    verify = commands.add_parser("verify", help="check a node certificate (chain) as a quicmesh node would")
+    verify.add_argument("--ca", type=Path, required=True, help="the mesh CA bundle (PEM)")
+    verify.add_argument("--crl", type=Path, help="a CRL file (PEM) signed by a CA of the bundle")
+    verify.add_argument("--node", help="require this node name")
+    verify.add_argument("--mesh", help="require this mesh (default: the mesh the CA records)")
+    verify.add_argument("cert", type=Path, help="the certificate, optionally followed by its intermediates")
+    verify.set_defaults(run=_run_verify)
+
+    boot = commands.add_parser("bootstrap", help="create or extend a whole mesh: CA, node dirs, node.toml")
+    boot.add_argument("mesh", help="the mesh name (a DNS label)")
+    boot.add_argument("nodes", nargs="+", metavar="NODE=HOST:PORT", help="each node and the address peers dial")
+    boot.add_argument("--out", type=Path, required=True, help="the bootstrap directory (created or extended)")
+    boot.add_argument("--key-type", default=DEFAULT_KEY_TYPE, help=f"key type of new keys: {key_types}")
+    boot.add_argument("--days", type=int, default=DEFAULT_NODE_DAYS, help="validity of new node certificates")
+    boot.add_argument("--ca-days", type=int, default=DEFAULT_CA_DAYS, help="validity of a new CA")
+    _passphrase_options(boot, "passphrase", "encrypt (or unlock) the CA key with the passphrase")
+    boot.set_defaults(run=_run_bootstrap)
+    return parser
+
+
+def _passphrase_options(parser: argparse.ArgumentParser, stem: str, purpose: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{stem}-file", type=Path, metavar="FILE", help=f"{purpose} in FILE (its first line)")
+    group.add_argument(f"--{stem}-env", metavar="VAR", help=f"{purpose} in environment variable VAR")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
