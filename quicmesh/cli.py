@@ -28,7 +28,7 @@ from .status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREAC
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 STATUS_POLL = 0.2       # seconds between two polls of `status --wait`
-STATUS_TIMEOUT = 5.0    # a daemon that accepts but does not answer within this counts as unreachable
+REPLY_TIMEOUT = 5.0     # a daemon that does not answer within this (beyond the op's own timeout) is unreachable
 SEND_WINDOW = 64        # `send --lines`: messages awaiting their acknowledgement at once
 
 STATUS_EPILOG = f"""\
@@ -254,9 +254,9 @@ async def fetch_status(path: Path) -> dict[str, Any]:
             return await client.status()
 
     try:
-        return await asyncio.wait_for(ask(), STATUS_TIMEOUT)
+        return await asyncio.wait_for(ask(), REPLY_TIMEOUT)
     except TimeoutError:
-        raise NodeUnreachableError(f"the node at {path} did not answer within {STATUS_TIMEOUT:.0f}s") from None
+        raise NodeUnreachableError(f"the node at {path} did not answer within {REPLY_TIMEOUT:.0f}s") from None
 
 
 async def wait_status(path: Path, wait: float) -> tuple[dict[str, Any] | None, NodeUnreachableError | None]:
@@ -370,7 +370,11 @@ def _cmd_request(args: argparse.Namespace) -> int:
 
     async def request() -> bytes:
         async with await ControlClient.connect(path) as client:
-            return await client.request(args.peer, data, timeout=args.timeout)
+            asking = client.request(args.peer, data, timeout=args.timeout)
+            try:
+                return await asyncio.wait_for(asking, args.timeout + REPLY_TIMEOUT)
+            except TimeoutError:
+                raise NodeUnreachableError(f"the node at {path} did not answer") from None
 
     reply = asyncio.run(request())
     if sys.stdout.isatty() and not reply.endswith(b"\n"):

@@ -90,3 +90,5 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     _handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(_handler)
     root.setLevel(level.upper())
+    # aioquic logs every connection's life at INFO; the node already logs what operators need.
+    logging.getLogger("quic").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

@@ -242,3 +242,24 @@ def test_check_config_on_a_bootstrap_output(cli, local_mesh) -> None:
     assert load_config(local_mesh[0].config).node.name == "alpha"
     report = json.loads(cli("check-config", "--json", "-c", str(local_mesh[0].config)).stdout)
     assert report["ok"] and report["node"] == "alpha" and report["fingerprint"].startswith("sha256:")
+
+
+def test_check_config_refuses_another_nodes_certificate(cli, local_mesh) -> None:
+    alpha, beta = local_mesh[0].config.parent, local_mesh[1].config.parent
+    (alpha / "node.crt").write_bytes((beta / "node.crt").read_bytes())
+    result = cli("check-config", "-c", str(alpha / "node.toml"))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("quicmesh: error: ") for line in lines)
+    assert "tls.key:" in lines[0] and "is not the key of the certificate" in lines[0]
+    assert "tls.cert:" in lines[1] and "quicmesh://demo/beta" in lines[1]
+
+
+def test_check_config_refuses_a_revoked_certificate(cli, local_mesh, mesh_dir: Path) -> None:
+    revoke = subprocess.run([str(Path(sys.executable).with_name("quicmesh-pki")), "revoke", "alpha",
+                             "--ca-dir", str(mesh_dir / "ca")], capture_output=True, text=True, timeout=30)
+    assert revoke.returncode == 0, revoke.stderr
+    result = cli("check-config", "-c", str(local_mesh[0].config))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("quicmesh: error: tls.cert:") and "revoked" in line
