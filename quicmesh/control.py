@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from .config import MAX_SOCKET_PATH_BYTES, Config
 from .errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, PeerNotConnectedError,
                      QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
 from .logs import fields
@@ -31,7 +32,6 @@ from .status import build_status
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "QUICMESH_CONTROL_SOCKET"  # overrides control.socket (containers mount the config read-only)
-MAX_SOCKET_PATH = 107                    # sun_path holds 108 bytes including the terminating NUL
 MAX_PIPELINED = 128                      # requests of one client in progress at once; more wait their turn
 EVENT_QUEUE_LINES = 4096                 # event lines buffered per client before new ones are dropped...
 EVENT_QUEUE_BYTES = 16 * 1024 * 1024     # ...or this many bytes (one line is always accepted)
@@ -62,16 +62,16 @@ _REMOTE_TYPES: dict[str, type[QuicmeshError]] = {cls.__name__: cls for cls in (
     RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError)}
 
 
-def socket_path(config: Any = None, explicit: str | os.PathLike[str] | None = None) -> Path:
+def socket_path(config: Config | None = None, explicit: str | os.PathLike[str] | None = None) -> Path:
     """Which control socket to use: ``explicit`` (--socket), else $QUICMESH_CONTROL_SOCKET, else
     ``config.control.socket``."""
     chosen = explicit or os.environ.get(SOCKET_ENV) or (config.control.socket if config is not None else None)
     if not chosen:
         raise ControlError(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
     path = Path(chosen)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ControlError(f"control socket path {path} is {len(os.fsencode(path))} bytes long, more than "
-                           f"the {MAX_SOCKET_PATH} a Unix socket allows: choose a shorter control.socket "
+                           f"the {MAX_SOCKET_PATH_BYTES} a Unix socket allows: choose a shorter control.socket "
                            f"(or set {SOCKET_ENV})")
     return path
 
@@ -86,12 +86,15 @@ def b64encode(data: bytes) -> str:
 
 # --- server -------------------------------------------------------------------------------------
 class ControlServer:
-    """Serves one node's control socket; ``publish_*`` feed what the node receives to the listeners."""
+    """Serves one node's control socket; ``publish_*`` feed what the node receives to the listeners.
 
-    def __init__(self, node: Any, path: Path, *, max_message_size: int, started: float | None = None) -> None:
+    ``node`` is a started ``quicmesh.Node`` (typed loosely so that clients never import aioquic).
+    """
+
+    def __init__(self, node: Any, path: Path, *, max_message_size: int) -> None:
         self.node = node
         self.path = Path(path)
-        self.started = time.time() if started is None else started
+        self.started = time.time()
         # A request line carries at most one base64 body of max_message_size, plus a little JSON.
         self._line_limit = (max_message_size + 2) // 3 * 4 + 64 * 1024
         self._server: asyncio.AbstractServer | None = None
@@ -142,20 +145,16 @@ class ControlServer:
             self._server.close()
         for client in list(self._clients):
             client.close()
+        self.remove_socket()
+
+    def remove_socket(self) -> None:
+        """Remove the socket file if it is still ours (a forced exit calls this instead of ``close``)."""
         try:
             if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
-        except FileNotFoundError:
+        except OSError:
             pass
         self._inode = None
-
-    def unlink_now(self) -> None:
-        """Remove the socket file without waiting (a forced exit skips ``close``)."""
-        if self._inode is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
 
     def stats(self) -> dict[str, Any]:
         return {"socket": str(self.path), "clients": len(self._clients),

@@ -100,7 +100,7 @@ class Daemon:
     def _on_stop_signal(self, signum: int) -> None:
         if self._stop.is_set():
             log.error("second stop signal: exiting at once", extra=fields(signal=signal.Signals(signum).name))
-            self.control.unlink_now()
+            self.control.remove_socket()
             os._exit(1)
         log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
         self._stop.set()
