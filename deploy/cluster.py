@@ -177,7 +177,7 @@ def remove_cluster(name: str, workdir: str | None = None) -> None:
     proc = run(["podman", "ps", "-aq", "--filter", f"label={CLUSTER_LABEL}={name}"], check=False)
     ids = proc.stdout.decode().split()
     if ids:
-        run(["podman", "rm", "-f", "-t", "0", *ids], check=False, timeout=120)
+        run(["podman", "rm", "-f", "-v", "-t", "0", *ids], check=False, timeout=120)
     run(["podman", "network", "rm", "-f", name], check=False, timeout=60)
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -399,15 +399,13 @@ class Cluster:
         payload = "".join(line + "\n" for line in lines).encode()
         return self.exec(src, "quicmesh", "send", dst, "--lines", "-", input=payload, timeout=timeout)
 
-    def listen(self, node: str, *, count: int | None = None, timeout: float = 30, kind: str | None = None,
-               ) -> subprocess.Popen[bytes]:
-        """Start `quicmesh listen --json` in a node; read items with `received()`."""
-        args = ["quicmesh", "listen", "--json", "--timeout", str(timeout)]
-        if count is not None:
-            args += ["--count", str(count)]
-        if kind:
-            args += ["--kind", kind]
-        return self.popen(node, *args, stdin=subprocess.DEVNULL)
+    def watch_peers(self, node: str) -> PeerWatch:
+        """Follow a node's connected peers through its own events (see PeerWatch)."""
+        return PeerWatch(self, node)
+
+    def listen(self, node: str, *, kind: str | None = None, timeout: float = 300) -> Listener:
+        """Start `quicmesh listen --json` in a node; returns once it is subscribed."""
+        return Listener(self, node, kind=kind, timeout=timeout)
 
     # -- faults
     def pid(self, node: str) -> int:
@@ -486,6 +484,10 @@ class Cluster:
     def start(self, node: str) -> None:
         run(["podman", "start", self[node].container], timeout=60)
 
+    def stop(self, node: str, timeout: int = 10) -> None:
+        """Graceful stop: SIGTERM (through --init), SIGKILL after `timeout` s."""
+        run(["podman", "stop", "--time", str(timeout), self[node].container], timeout=timeout + 60)
+
     def restart(self, node: str, timeout: int = 10) -> None:
         """Graceful stop (SIGTERM, then KILL after `timeout` s) and start again."""
         run(["podman", "restart", "--time", str(timeout), self[node].container], timeout=timeout + 60)
@@ -495,6 +497,147 @@ class Cluster:
 
     def unpause(self, node: str) -> None:
         run(["podman", "unpause", self[node].container])
+
+
+class Listener:
+    """`quicmesh listen --json` inside a node, its items collected on the host with their arrival time.
+
+    Containers share the host's clock, so a sender that embeds time.time() in a payload gives the
+    receiver a one-way latency. stop() kills the listener inside the container: killing only the
+    `podman exec` client would leave it running and consuming items.
+    """
+
+    def __init__(self, cluster: Cluster, node: str, *, kind: str | None = None, timeout: float = 300):
+        self.cluster, self.node = cluster, node
+        args = ["quicmesh", "listen", "--json", "--timeout", str(timeout), *(["--kind", kind] if kind else [])]
+        self.proc = cluster.popen(node, "sh", "-c", 'echo $$; exec "$@"', "listen", *args,
+                                  stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.pid = int(self.proc.stdout.readline())
+        self.items: list[tuple[float, dict[str, Any]]] = []  # (arrival time.time(), item with bytes data)
+        self.stderr: list[str] = []
+        self._ready = threading.Event()
+        self._changed = threading.Condition()
+        self._threads = [threading.Thread(target=self._read_items, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        if not self._ready.wait(15):
+            self.stop()
+            raise ClusterError(f"listen on {node} did not start: {self.stderr}")
+
+    def _read_items(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            arrived = time.time()
+            item = json.loads(line)
+            item["data"] = base64.b64decode(item["data"])
+            with self._changed:
+                self.items.append((arrived, item))
+                self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.stderr.append(line.decode(errors="replace").rstrip())
+            if b"listening on" in line:
+                self._ready.set()
+        self._ready.set()  # exited: stop waiting
+
+    def wait_for(self, predicate: Callable[[list[tuple[float, dict[str, Any]]]], bool], timeout: float) -> bool:
+        """Wait until predicate(items) holds; False after `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self.items), timeout)
+
+    def stop(self) -> None:
+        run(["podman", "exec", self.cluster[self.node].container, "sh", "-c", f"kill {self.pid}"], check=False)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        for thread in self._threads:
+            thread.join(timeout=15)
+
+
+# Runs inside a node: subscribes to its daemon's peer events (docs/CONTROL.md), then prints the current
+# connected set and every change, each stamped with time.time() (containers share the host clock).
+# Event-driven, so timings are exact to the millisecond and polling does not load the 2 cores.
+PEER_WATCHER = """
+import asyncio, json, os, sys, time
+from quicmesh.control import ControlClient
+
+async def main():
+    deadline = time.time() + float(sys.argv[1])
+    while True:  # a node that was just (re)started may not have its control socket yet
+        try:
+            client = await ControlClient.connect(os.environ["QUICMESH_CONTROL_SOCKET"])
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+    async with client:
+        await client.listen(["peer"])
+        status = await client.status()
+        connected = [p["name"] for p in status["peers"] if p["state"] == "connected"]
+        print(json.dumps({"t": time.time(), "connected": connected}), flush=True)
+        async for event in client.events():
+            if event.get("event") == "peer":
+                print(json.dumps({"t": time.time(), "peer": event["peer"], "kind": event["kind"],
+                                  "reason": event.get("reason")}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+class PeerWatch:
+    """The connected peers of one node over time, from its daemon's own peer events."""
+
+    def __init__(self, cluster: Cluster, node: str, *, connect_timeout: float = 20):
+        self.node = node
+        self.connected: set[str] | None = None  # None until the watcher has subscribed
+        self.history: list[tuple[float, frozenset[str]]] = []  # (time.time(), connected set after it)
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self.cluster = cluster
+        self.proc = cluster.popen(node, "sh", "-c", 'echo $$; exec "$@"', "watch", "python3", "-c", PEER_WATCHER,
+                                  str(connect_timeout), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = int(self.proc.stdout.readline() or 0)  # type: ignore[union-attr]
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            event = json.loads(line)
+            with self._changed:
+                if "connected" in event:
+                    self.connected = set(event["connected"])
+                else:
+                    self.events.append(event)
+                    assert self.connected is not None
+                    (self.connected.add if event["kind"] == "connected" else self.connected.discard)(event["peer"])
+                self.history.append((event["t"], frozenset(self.connected)))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, predicate: Callable[[set[str]], bool], timeout: float, since: float = 0.0) -> float | None:
+        """time.time() at which predicate(connected peers) first held at or after `since` (the state
+        then counts too), waiting up to `timeout` s; None if it did not."""
+        def first() -> float | None:
+            before = [peers for t, peers in self.history if t < since]
+            if before and predicate(set(before[-1])):
+                return since
+            return next((t for t, peers in self.history if t >= since and predicate(set(peers))), None)
+        with self._changed:
+            self._changed.wait_for(lambda: first() is not None or self.proc.poll() is not None, timeout)
+            return first()
+
+    def stop(self) -> None:
+        if self.pid:
+            run(["podman", "exec", self.cluster[self.node].container, "sh", "-c", f"kill {self.pid}"], check=False)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
@@ -507,17 +650,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
-
-
-def decode_items(lines: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Parse `quicmesh listen --json` lines, decoding each item's base64 data."""
-    items = []
-    for line in lines:
-        if line.strip():
-            item = json.loads(line)
-            item["data"] = base64.b64decode(item["data"])
-            items.append(item)
-    return items
 
 
 # ------------------------------------------------------------------------------------------------ CLI

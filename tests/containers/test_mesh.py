@@ -4,13 +4,13 @@ reliable delivery through loss and partitions. Timers are those of deploy.cluste
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 import statistics
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -20,57 +20,73 @@ from deploy import cluster as harness
 pytestmark = pytest.mark.containers
 
 DEAD_AFTER = harness.TEST_TIMERS["dead_after"]
-# A status poll is one `podman exec` (~0.3 s): measured times are late by up to about that much.
-POLL = 0.35
-DETECT_BOUND = DEAD_AFTER + 1.0 + POLL  # dead_after, plus one keepalive period of slack, plus the poll
-REJOIN_BOUND = 2.0 + POLL
+# Detection: silence for dead_after, counted from the last packet heard, which is up to one keepalive
+# (1 s) before the fault; plus a little scheduling slack on 2 busy cores.
+DETECT_BOUND = DEAD_AFTER + 0.5
+REJOIN_BOUND = 2.0  # the target: back in full mesh within 2 s of the node's (re)start
 
 
-def state(status: dict[str, Any] | None, peer: str) -> str | None:
-    if status is None:
-        return None
-    return next((p["state"] for p in status["peers"] if p["name"] == peer), None)
+@contextmanager
+def watching(mesh: harness.Cluster, nodes: list[str]) -> Iterator[dict[str, harness.PeerWatch]]:
+    """PeerWatches on these nodes, subscribed before the caller injects a fault."""
+    watches = {node: mesh.watch_peers(node) for node in nodes}
+    try:
+        for node, watch in watches.items():
+            assert watch.wait(lambda _: True, timeout=20) is not None, f"cannot watch {node}'s peers"
+        yield watches
+    finally:
+        for watch in watches.values():
+            watch.stop()
 
 
-def watch(cluster: harness.Cluster, observers: list[str], done: Callable[[str, dict[str, Any] | None], bool],
-          timeout: float) -> dict[str, float | None]:
-    """Poll each observer's status concurrently from now; seconds until done(observer, status) held."""
-    started = time.monotonic()
-
-    def one(node: str) -> float | None:
-        while time.monotonic() - started < timeout:
-            if done(node, cluster.status(node)):
-                return time.monotonic() - started
-            time.sleep(0.02)
-        return None
-
-    with concurrent.futures.ThreadPoolExecutor(len(observers)) as pool:
-        return dict(zip(observers, pool.map(one, observers)))
+def elapsed(times: dict[str, float | None], since: float) -> dict[str, float | None]:
+    return {node: None if t is None else t - since for node, t in times.items()}
 
 
 def fmt(times: dict[str, float | None]) -> str:
     values = [t for t in times.values() if t is not None]
     if not values:
         return "never"
-    return f"max {max(values):.2f} s (min {min(values):.2f} s, {len(values)}/{len(times)} observers)"
+    return f"max {max(values):.2f} s (min {min(values):.2f} s, {len(values)}/{len(times)} nodes)"
+
+
+def check(measured: harness.Measurements, what: str, times: dict[str, float | None], bound: float,
+          target: str) -> None:
+    measured.add(what, fmt(times))
+    missing = [node for node, t in times.items() if t is None]
+    assert not missing, f"{what}: never happened on {missing}"
+    worst = max(t for t in times.values() if t is not None)
+    assert worst <= bound, f"{what}: {fmt(times)}; {target}"
 
 
 @pytest.fixture
 def mesh_ok(mesh: harness.Cluster) -> harness.Cluster:
     """The shared cluster, in full mesh before the test (an earlier test may have disturbed it)."""
-    harness.wait_until(mesh.full_mesh, timeout=30, interval=0.1, what="full mesh before the test")
+    harness.wait_until(mesh.full_mesh, timeout=30, interval=0.2, what="full mesh before the test")
     return mesh
 
 
-def assert_back(mesh: harness.Cluster, node: str, measured: harness.Measurements, what: str) -> None:
-    """Measure from now until `node` and everyone else are in full mesh again; check the 2 s target."""
-    others = [n for n in mesh.names() if n != node]
-    back = watch(mesh, mesh.names(), lambda obs, st: (
-        st is not None and all(state(st, p) == "connected" for p in (others if obs == node else [node]))),
-        timeout=30)
-    measured.add(f"{what}: back in full mesh", fmt(back))
-    assert all(t is not None for t in back.values()), f"not back in full mesh within 30 s: {back}"
-    assert max(back.values()) <= REJOIN_BOUND, f"{what}: full mesh took {fmt(back)} (target 2 s)"  # type: ignore[type-var]
+def down_and_back(mesh: harness.Cluster, measured: harness.Measurements, victim: str, what: str,
+                  fault: Callable[[], None], recover: Callable[[], None], *, graceful: bool = False) -> None:
+    """Inject `fault` on victim, time the others noticing; `recover`, time the full mesh coming back."""
+    others = [n for n in mesh.names() if n != victim]
+    with watching(mesh, others) as watches:
+        t0 = time.time()
+        try:
+            fault()
+            gone = {n: w.wait(lambda peers: victim not in peers, timeout=15, since=t0) for n, w in watches.items()}
+            bound, target = (1.0, "a graceful stop closes its connections") if graceful else \
+                (DETECT_BOUND, f"dead_after is {DEAD_AFTER:g} s")
+            check(measured, f"{what}: peers see it down", elapsed(gone, t0), bound, target)
+            for node in others:  # the rest of the mesh is undisturbed
+                assert watches[node].connected == set(others) - {node}
+        finally:
+            t1 = time.time()
+            recover()
+        back = {n: w.wait(lambda peers: victim in peers, timeout=15, since=t1) for n, w in watches.items()}
+    check(measured, f"{what}: back in full mesh", elapsed(back, t1), REJOIN_BOUND,
+          "target: 2 s from its (re)start")
+    assert mesh.full_mesh(), "the victim's own view disagrees"
 
 
 def test_full_mesh_converged(mesh: harness.Cluster):
@@ -85,61 +101,38 @@ def test_full_mesh_converged(mesh: harness.Cluster):
 
 
 def test_kill_9_detected_and_restart_rejoins(mesh_ok: harness.Cluster, measured):
-    mesh, victim = mesh_ok, "node5"
-    others = [n for n in mesh.names() if n != victim]
-    mesh.kill(victim)
-    try:
-        gone = watch(mesh, others, lambda _, st: state(st, victim) not in (None, "connected"), timeout=15)
-        measured.add(f"kill -9: peers see it down (dead_after {DEAD_AFTER:g} s)", fmt(gone))
-        assert all(t is not None for t in gone.values()), f"kill not detected within 15 s: {gone}"
-        assert max(gone.values()) <= DETECT_BOUND  # type: ignore[type-var]
-        for observer in others:  # the survivors keep their mesh
-            assert {p["name"] for p in mesh.status(observer)["peers"] if p["state"] == "connected"} \
-                == set(others) - {observer}
-    finally:
-        mesh.start(victim)
-    assert_back(mesh, victim, measured, "kill -9 then start")
+    down_and_back(mesh_ok, measured, "node5", "kill -9, start", lambda: mesh_ok.kill("node5"),
+                  lambda: mesh_ok.start("node5"))
 
 
-def test_graceful_restart_rejoins(mesh_ok: harness.Cluster, measured):
-    mesh, victim = mesh_ok, "node3"
-    started = time.monotonic()
-    mesh.restart(victim)
-    measured.add("graceful restart (SIGTERM, start)", f"{time.monotonic() - started:.2f} s")
-    assert_back(mesh, victim, measured, "graceful restart")
+def test_graceful_stop_and_start(mesh_ok: harness.Cluster, measured):
+    down_and_back(mesh_ok, measured, "node3", "SIGTERM, start", lambda: mesh_ok.stop("node3"),
+                  lambda: mesh_ok.start("node3"), graceful=True)
 
 
 def test_pause_detected_and_unpause_rejoins(mesh_ok: harness.Cluster, measured):
-    mesh, victim = mesh_ok, "node4"
-    others = [n for n in mesh.names() if n != victim]
-    mesh.pause(victim)
-    try:
-        gone = watch(mesh, others, lambda _, st: state(st, victim) not in (None, "connected"), timeout=15)
-        measured.add("pause: peers see it down", fmt(gone))
-        assert all(t is not None for t in gone.values()), f"pause not detected within 15 s: {gone}"
-        assert max(gone.values()) <= DETECT_BOUND  # type: ignore[type-var]
-    finally:
-        mesh.unpause(victim)
-    assert_back(mesh, victim, measured, "unpause")
+    down_and_back(mesh_ok, measured, "node4", "pause, unpause", lambda: mesh_ok.pause("node4"),
+                  lambda: mesh_ok.unpause("node4"))
 
 
 def test_partition_detected_and_heal_rejoins(mesh_ok: harness.Cluster, measured):
     mesh, a, b = mesh_ok, "node1", "node2"
-    mesh.partition(a, b)
-    try:
-        gone = watch(mesh, [a, b], lambda obs, st: state(st, b if obs == a else a) not in (None, "connected"),
-                     timeout=15)
-        measured.add("partition: both sides see the link down", fmt(gone))
-        assert all(t is not None for t in gone.values()), f"partition not detected within 15 s: {gone}"
-        assert max(gone.values()) <= DETECT_BOUND  # type: ignore[type-var]
-        assert mesh.full_mesh(["node3", "node4", "node5"]), "nodes outside the partition lost links"
-        time.sleep(2)  # let the dial backoff grow a little, as a real outage would
-    finally:
-        mesh.heal(a, b)
-    back = watch(mesh, [a, b], lambda obs, st: state(st, b if obs == a else a) == "connected", timeout=30)
-    measured.add("heal: link back", fmt(back))
-    assert all(t is not None for t in back.values()), f"link not back within 30 s of heal: {back}"
-    assert max(back.values()) <= REJOIN_BOUND, f"heal: link back after {fmt(back)} (target 2 s)"  # type: ignore[type-var]
+    other = {a: b, b: a}
+    with watching(mesh, [a, b, "node3"]) as watches:
+        t0 = time.time()
+        try:
+            mesh.partition(a, b)
+            gone = {n: watches[n].wait(lambda peers, n=n: other[n] not in peers, timeout=15, since=t0)
+                    for n in (a, b)}
+            check(measured, "partition: both sides see the link down", elapsed(gone, t0), DETECT_BOUND,
+                  f"dead_after is {DEAD_AFTER:g} s")
+            time.sleep(2)  # let the redial backoff grow, as in a real outage
+            assert watches["node3"].connected == set(mesh.names()) - {"node3"}, "bystander lost links"
+        finally:
+            t1 = time.time()
+            mesh.heal(a, b)
+        back = {n: watches[n].wait(lambda peers, n=n: other[n] in peers, timeout=15, since=t1) for n in (a, b)}
+    check(measured, "partition: link back after heal", elapsed(back, t1), REJOIN_BOUND, "target: 2 s")
 
 
 def test_5000_messages_exactly_once_through_loss_and_partition(mesh_ok: harness.Cluster, measured):
@@ -185,47 +178,55 @@ def test_5000_messages_exactly_once_through_loss_and_partition(mesh_ok: harness.
     assert not unexpected
 
 
-class Pacer:
-    """Writes timestamped lines to a `quicmesh send --lines -` in a node at a steady rate."""
+# Runs in the sender's container against its daemon's control socket (docs/CONTROL.md): at a steady
+# rate, one datagram stamped with time.time() (the receiver's listener gives its one-way latency: the
+# containers share the host clock) and one message whose acknowledgement time it measures itself: a
+# listener would show the 4 MiB messages' own delivery time, not the transport's.
+PROBE = """
+import asyncio, json, os, sys, time
+from quicmesh.control import ControlClient
+peer, tag, count, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
-    def __init__(self, mesh: harness.Cluster, src: str, dst: str, tag: str, *, datagram: bool):
-        args = ["quicmesh", "send", dst, "--lines", "--timeout", "60", "-"]
-        if datagram:
-            args.insert(3, "--datagram")
-        self.tag = tag
-        self.proc = mesh.popen(src, *args)
-
-    def run(self, count: int, rate: float) -> None:
-        assert self.proc.stdin is not None
+async def main():
+    acks = []
+    async with await ControlClient.connect(os.environ["QUICMESH_CONTROL_SOCKET"]) as client:
+        async def message(i):
+            t = time.monotonic()
+            await client.send(peer, f"msg-{tag} {i}".encode())
+            acks.append(time.monotonic() - t)
+        tasks, start = [], time.monotonic()
         for i in range(count):
-            self.proc.stdin.write(f"{self.tag} {i} {time.time():.6f}\n".encode())
-            self.proc.stdin.flush()
-            time.sleep(1 / rate)
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            await client.send(peer, f"dgram-{tag} {i} {time.time():.6f}".encode(), datagram=True)
+            tasks.append(asyncio.create_task(message(i)))
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    print(json.dumps(acks))
 
-    def close(self) -> subprocess.CompletedProcess[bytes]:
-        out, err = self.proc.communicate(timeout=120)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
-
-
-def latencies(listener: harness.Listener, tag: str) -> list[float]:
-    found = []
-    for arrived, item in listener.items:
-        if item["data"].startswith(tag.encode() + b" "):
-            found.append(arrived - float(item["data"].split()[2]))
-    return found
+asyncio.run(main())
+"""
 
 
-def pct(values: list[float], q: float) -> float:
+def one_way(listener: harness.Listener, tag: str) -> list[float]:
+    return [arrived - float(item["data"].split()[2]) for arrived, item in listener.items
+            if item["data"].startswith(f"dgram-{tag} ".encode())]
+
+
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def ms(values: list[float]) -> str:
+    return f"p50 {pct(values, 50) * 1000:.1f} ms, p99 {pct(values, 99) * 1000:.1f} ms"
+
+
 def test_small_traffic_flows_past_a_large_message_under_loss(mesh_ok: harness.Cluster, measured):
-    """Head-of-line: a 4 MiB message crawling through 5 % loss must not hold up small messages or
-    datagrams (each message has its own stream; datagrams have none)."""
+    """Head-of-line: 4 MiB messages crawling through 5 % loss must not hold up small messages or
+    datagrams on the same connection (each message has its own stream; datagrams have none)."""
     mesh, src, dst = mesh_ok, "node3", "node4"
     count, rate, big = 150, 50.0, 4 * 1024 * 1024
-    listener = mesh.listen(dst, timeout=240)
-    results: dict[str, Any] = {}
+    datagrams = mesh.listen(dst, kind="datagram", timeout=240)
+    messages = mesh.listen(dst, kind="message", timeout=240)
+    results: dict[str, dict[str, Any]] = {}
     try:
         for phase in ("baseline", "loss"):
             big_sends: list[float] = []
@@ -247,42 +248,32 @@ def test_small_traffic_flows_past_a_large_message_under_loss(mesh_ok: harness.Cl
                 mesh.loss(src, 5)
                 worker.start()
                 time.sleep(0.5)
-            messages = Pacer(mesh, src, dst, f"msg-{phase}", datagram=False)
-            datagrams = Pacer(mesh, src, dst, f"dgram-{phase}", datagram=True)
-            pacers = [threading.Thread(target=p.run, args=(count, rate)) for p in (messages, datagrams)]
-            for t in pacers:
-                t.start()
-            for t in pacers:
-                t.join()
-            in_flight = phase == "loss" and worker.is_alive()
-            assert messages.close().returncode == 0
-            datagrams.close()
-            listener.wait_for(lambda items: len(latencies(listener, f"msg-{phase}")) >= count, timeout=60)
-            time.sleep(0.5)
+            probe = mesh.exec(src, "python3", "-c", PROBE, dst, phase, str(count), str(rate), timeout=180)
+            in_flight = worker.is_alive() and not big_errors
             stop.set()
             if worker.is_alive():
                 worker.join(timeout=180)
             mesh.loss(src, 0)
+            assert probe.returncode == 0, probe.stderr.decode()
             assert not big_errors, big_errors
-            results[phase] = {
-                "msg": latencies(listener, f"msg-{phase}"), "dgram": latencies(listener, f"dgram-{phase}"),
-                "big": list(big_sends), "in_flight": in_flight}
+            assert messages.wait_for(lambda items: sum(
+                item["data"].startswith(f"msg-{phase} ".encode()) for _, item in items) >= count, timeout=30)
+            time.sleep(0.5)  # the last datagrams
+            results[phase] = {"acks": json.loads(probe.stdout), "dgram": one_way(datagrams, phase),
+                              "big": big_sends, "in_flight": in_flight}
     finally:
         mesh.loss(src, 0)
-        listener.stop()
+        datagrams.stop()
+        messages.stop()
 
     for phase, r in results.items():
-        assert len(r["msg"]) == count, f"{phase}: {len(r['msg'])}/{count} messages"
-        measured.add(f"small message latency, {phase}",
-                     f"p50 {pct(r['msg'], 50) * 1000:.1f} ms, p99 {pct(r['msg'], 99) * 1000:.1f} ms")
-        measured.add(f"datagram latency, {phase}",
-                     f"p50 {pct(r['dgram'], 50) * 1000:.1f} ms, p99 {pct(r['dgram'], 99) * 1000:.1f} ms, "
-                     f"{len(r['dgram'])}/{count} delivered")
+        measured.add(f"small message ack latency, {phase}", ms(r["acks"]))
+        measured.add(f"datagram one-way latency, {phase}", f"{ms(r['dgram'])}, {len(r['dgram'])}/{count} arrived")
     loss = results["loss"]
-    measured.add("4 MiB messages under 5 % loss",
-                 f"{len(loss['big'])} sent, {statistics.mean(loss['big']):.2f} s each" if loss["big"] else "none")
-    assert loss["in_flight"], "the large messages finished before the small traffic: nothing was tested"
+    measured.add("4 MiB messages meanwhile (5 % loss)",
+                 f"{len(loss['big'])} done, {statistics.mean(loss['big']):.2f} s each" if loss["big"] else "none done")
+    assert loss["in_flight"], "the large messages stopped before the small traffic ended: nothing was tested"
     assert len(loss["dgram"]) >= 0.8 * count
-    # Loss costs a retransmission here and there (~RTO), never the time of the 4 MiB transfer.
-    assert pct(loss["msg"], 50) < 0.25 and pct(loss["msg"], 99) < 1.5
-    assert pct(loss["dgram"], 99) < 1.0
+    # Loss costs the small traffic a retransmission now and then (~an RTO), never a 4 MiB transfer.
+    assert pct(loss["acks"], 50) < 0.25 and pct(loss["acks"], 99) < 1.5
+    assert pct(loss["dgram"], 50) < 0.25 and pct(loss["dgram"], 99) < 1.0
