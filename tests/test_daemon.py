@@ -125,22 +125,30 @@ def test_listen_times_out_with_exit_1(cli, shared_mesh: RunningMesh) -> None:
     assert time.monotonic() - started < 5
 
 
-# --- nodes of their own --------------------------------------------------------------------------------
-def test_ready_and_peer_log_lines_without_key_material(cli, running_mesh: RunningMesh) -> None:
-    fingerprint = status_json(cli, running_mesh, "alpha")["fingerprint"]
-    assert fingerprint == next(p["fingerprint"] for p in status_json(cli, running_mesh, "beta")["peers"]
+def test_ready_and_peer_log_lines_without_key_material(cli, shared_mesh: RunningMesh) -> None:
+    fingerprint = status_json(cli, shared_mesh, "alpha")["fingerprint"]
+    assert fingerprint == next(p["fingerprint"] for p in status_json(cli, shared_mesh, "beta")["peers"]
                                if p["name"] == "alpha")
-    log = running_mesh.log("alpha")
+    log = shared_mesh.log("alpha")
     [ready] = [line for line in log.splitlines() if " ready " in line]
     assert "node=alpha" in ready and "mesh=demo" in ready and f"fingerprint={fingerprint}" in ready
-    assert f"listen=127.0.0.1:{running_mesh.nodes['alpha'].port}" in ready
+    assert f"listen=127.0.0.1:{shared_mesh.nodes['alpha'].port}" in ready
     connected = [line for line in log.splitlines() if "peer connected" in line]
     assert {line.split("peer=")[1].split()[0] for line in connected} == {"beta", "gamma"}
     assert all("fingerprint=sha256:" in line for line in connected)
-    key = running_mesh.nodes["alpha"].config.with_name("node.key").read_text()
+    key = shared_mesh.nodes["alpha"].config.with_name("node.key").read_text()
     assert "PRIVATE KEY" not in log and key.splitlines()[1] not in log
 
 
+def test_a_second_daemon_for_the_same_node_is_refused(cli, shared_mesh: RunningMesh) -> None:
+    result = cli("run", "-c", str(shared_mesh.nodes["alpha"].config), timeout=15)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "Address already in use" in result.stderr or "already running" in result.stderr
+    assert cli("status", "--check", "--socket", shared_mesh.socket("alpha")).returncode == 0
+
+
+# --- nodes of their own --------------------------------------------------------------------------------
 def test_sigterm_stops_cleanly_and_peers_notice(cli, running_mesh: RunningMesh) -> None:
     started = time.monotonic()
     assert running_mesh.stop("gamma") == [0]
@@ -225,14 +233,6 @@ def test_control_socket_from_the_environment_and_json_logs(cli, local_mesh, tmp_
         assert mesh.stop() == [0]
     entries = [json.loads(line) for line in local_mesh[0].log.read_text().splitlines()]
     assert any(e["msg"] == "ready" and e["node"] == "alpha" and e["control"] == str(path) for e in entries)
-
-
-def test_a_second_daemon_for_the_same_node_is_refused(cli, running_mesh: RunningMesh) -> None:
-    result = cli("run", "-c", str(running_mesh.nodes["alpha"].config), timeout=15)
-    assert result.returncode == 1
-    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
-    assert "Address already in use" in result.stderr or "already running" in result.stderr
-    assert cli("status", "--check", "--socket", running_mesh.socket("alpha")).returncode == 0
 
 
 def test_check_config_on_a_bootstrap_output(cli, local_mesh) -> None:
