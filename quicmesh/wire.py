@@ -27,6 +27,13 @@ MAX_VARINT = 2**62 - 1
 MAX_CONTROL_FRAME_PAYLOAD = 64 * 1024  # bounds what a peer can make us buffer on the control stream
 MAX_REASON_BYTES = 1024  # reasons are for humans; encoders truncate longer ones (at a character boundary)
 MAX_ACK_IDS = 4096  # an Ack of this many ids always fits one control frame (4096 * 8 B < 64 KiB)
+#: Forwarded UDP services: ids and flow ids stay below 2**14, so each takes at most 2 varint bytes and the
+#: FORWARD header after the kind byte is at most 4 bytes: the effective UDP MTU is max_datagram_payload - 4.
+MAX_SERVICE_ID = 0x3FFF
+MAX_FLOW_ID = 0x3FFF
+FORWARD_HEADER_MAX = 4
+MAX_SERVICE_NAME_BYTES = 63  # a service name is a DNS label
+MAX_SERVICES = 512  # entries in one Services frame (always under the frame limit: 512 * 66 B < 64 KiB)
 
 
 class ErrorCode(IntEnum):
@@ -50,7 +57,8 @@ class DatagramKind(IntEnum):
     """First byte of every QUIC DATAGRAM payload."""
 
     APP = 0x00
-    FORWARD = 0x01
+    FORWARD = 0x01  # forwarding node -> exposing node: to service ``service_id`` (the exposing node's id)
+    FORWARD_REPLY = 0x02  # exposing node -> forwarding node: the service's reply on flow ``flow_id``
 
 
 class StreamType(IntEnum):
@@ -74,6 +82,7 @@ class FrameType(IntEnum):
     ACK = 0x02
     REJECT = 0x03
     GOAWAY = 0x04
+    SERVICES = 0x05
 
 
 # --- varints (RFC 9000 §16) -------------------------------------------------------------------
@@ -150,6 +159,7 @@ class _Reader:
 # --- datagrams --------------------------------------------------------------------------------
 _APP_PREFIX = bytes((DatagramKind.APP,))
 _FORWARD_PREFIX = bytes((DatagramKind.FORWARD,))
+_FORWARD_REPLY_PREFIX = bytes((DatagramKind.FORWARD_REPLY,))
 
 
 def encode_app_datagram(payload: bytes) -> bytes:
@@ -161,18 +171,23 @@ def encode_forward_datagram(service_id: int, flow_id: int, payload: bytes) -> by
     return b"".join((_FORWARD_PREFIX, encode_varint(service_id), encode_varint(flow_id), payload))
 
 
+def encode_forward_reply_datagram(service_id: int, flow_id: int, payload: bytes) -> bytes:
+    """The exposing node's reply on flow ``flow_id`` of its service ``service_id``, back to the forwarder."""
+    return b"".join((_FORWARD_REPLY_PREFIX, encode_varint(service_id), encode_varint(flow_id), payload))
+
+
 def decode_datagram(data: bytes) -> tuple[int, bytes] | tuple[int, int, int, bytes]:
-    """``(DatagramKind.APP, payload)`` or ``(DatagramKind.FORWARD, service_id, flow_id, payload)``."""
+    """``(DatagramKind.APP, payload)`` or ``(DatagramKind.FORWARD | FORWARD_REPLY, service_id, flow_id, payload)``."""
     if not data:
         raise ProtocolError("empty datagram", code=ErrorCode.PROTOCOL_VIOLATION)
     kind = data[0]
     if kind == DatagramKind.APP:
         return DatagramKind.APP, bytes(data[1:])
-    if kind == DatagramKind.FORWARD:
+    if kind == DatagramKind.FORWARD or kind == DatagramKind.FORWARD_REPLY:
         reader = _Reader(data, "forward datagram header", 1)
         service_id = reader.varint()
         flow_id = reader.varint()
-        return DatagramKind.FORWARD, service_id, flow_id, bytes(reader.rest())
+        return DatagramKind(kind), service_id, flow_id, bytes(reader.rest())
     raise ProtocolError(f"unknown datagram kind 0x{kind:02x}", code=ErrorCode.PROTOCOL_VIOLATION)
 
 
@@ -458,9 +473,66 @@ class GoAway:
         return cls(reader.varint(), reader.text())
 
 
-Frame = Union[Hello, Ack, Reject, GoAway]
-_FRAME_CLASSES: dict[int, type[Hello] | type[Ack] | type[Reject] | type[GoAway]] = {
-    cls.frame_type: cls for cls in (Hello, Ack, Reject, GoAway)
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The UDP services the sender exposes TO THIS PEER, as ``(service_id, name)`` pairs.
+
+    Sent after Hello and again whenever the list changes; each one replaces the previous list whole.
+    Ids are unique and at most MAX_SERVICE_ID, names unique DNS-label-sized UTF-8 (1..63 bytes).
+    ``entries`` is normalized to ascending ids.
+    """
+
+    entries: tuple[tuple[int, str], ...]
+
+    frame_type: ClassVar[FrameType] = FrameType.SERVICES
+
+    def __post_init__(self) -> None:
+        entries = tuple(sorted((int(i), str(n)) for i, n in self.entries))
+        object.__setattr__(self, "entries", entries)
+
+    def _payload(self) -> bytes:
+        if len(self.entries) > MAX_SERVICES:
+            raise ValueError(f"{len(self.entries)} services exceed {MAX_SERVICES}")
+        parts = [encode_varint(len(self.entries))]
+        for service_id, name in self.entries:
+            raw = name.encode("utf-8")
+            if not 0 <= service_id <= MAX_SERVICE_ID or not 0 < len(raw) <= MAX_SERVICE_NAME_BYTES:
+                raise ValueError(f"bad service entry {(service_id, name)!r}")
+            parts += [encode_varint(service_id), encode_varint(len(raw)), raw]
+        return b"".join(parts)
+
+    @classmethod
+    def _parse(cls, reader: _Reader) -> Services:
+        count = reader.varint()
+        if count > MAX_SERVICES or count * 3 > reader.remaining():  # every entry takes at least 3 bytes
+            raise ProtocolError(f"Services claims {count} entries", code=ErrorCode.PROTOCOL_VIOLATION)
+        entries: list[tuple[int, str]] = []
+        ids: set[int] = set()
+        names: set[str] = set()
+        for _ in range(count):
+            service_id = reader.varint()
+            length = reader.varint()
+            if service_id > MAX_SERVICE_ID or not 0 < length <= MAX_SERVICE_NAME_BYTES:
+                raise ProtocolError("bad Services entry", code=ErrorCode.PROTOCOL_VIOLATION)
+            if length > reader.remaining():
+                raise ProtocolError("truncated Services", code=ErrorCode.PROTOCOL_VIOLATION)
+            raw = reader.buf[reader.pos : reader.pos + length]
+            reader.pos += length
+            try:
+                name = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("Services name is not UTF-8", code=ErrorCode.PROTOCOL_VIOLATION) from None
+            if service_id in ids or name in names:
+                raise ProtocolError("duplicate Services entry", code=ErrorCode.PROTOCOL_VIOLATION)
+            ids.add(service_id)
+            names.add(name)
+            entries.append((service_id, name))
+        return cls(tuple(entries))
+
+
+Frame = Union[Hello, Ack, Reject, GoAway, Services]
+_FRAME_CLASSES: dict[int, type[Hello] | type[Ack] | type[Reject] | type[GoAway] | type[Services]] = {
+    cls.frame_type: cls for cls in (Hello, Ack, Reject, GoAway, Services)
 }
 
 
@@ -547,6 +619,7 @@ __all__ = [
     "decode_varint",
     "encode_app_datagram",
     "encode_forward_datagram",
+    "encode_forward_reply_datagram",
     "decode_datagram",
     "encode_stream_type",
     "read_stream_type",
@@ -560,6 +633,12 @@ __all__ = [
     "Ack",
     "Reject",
     "GoAway",
+    "Services",
+    "MAX_SERVICE_ID",
+    "MAX_FLOW_ID",
+    "FORWARD_HEADER_MAX",
+    "MAX_SERVICE_NAME_BYTES",
+    "MAX_SERVICES",
     "Frame",
     "encode_frame",
     "ControlDecoder",

@@ -14,6 +14,8 @@ from quicmesh.wire import (
     MAX_ACK_IDS,
     MAX_CONTROL_FRAME_PAYLOAD,
     MAX_REASON_BYTES,
+    MAX_SERVICE_ID,
+    MAX_SERVICES,
     MAX_VARINT,
     Ack,
     ControlDecoder,
@@ -21,6 +23,7 @@ from quicmesh.wire import (
     ErrorCode,
     GoAway,
     Hello,
+    Services,
     MessageDecoder,
     Reject,
     RequestDecoder,
@@ -31,6 +34,7 @@ from quicmesh.wire import (
     decode_varint,
     encode_app_datagram,
     encode_forward_datagram,
+    encode_forward_reply_datagram,
     encode_frame,
     encode_message,
     encode_request,
@@ -123,7 +127,22 @@ def test_forward_datagram_round_trip(service_id: int, flow_id: int, payload: byt
     assert decode_datagram(data) == (DatagramKind.FORWARD, service_id, flow_id, payload)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x02", b"\xff\x00", b"\x01", b"\x01\x05", b"\x01\x40"])
+@FAST
+@given(varints, varints, st.binary(max_size=1500))
+def test_forward_reply_datagram_round_trip(service_id: int, flow_id: int, payload: bytes) -> None:
+    data = encode_forward_reply_datagram(service_id, flow_id, payload)
+    assert data[0] == DatagramKind.FORWARD_REPLY == 0x02
+    assert decode_datagram(data) == (DatagramKind.FORWARD_REPLY, service_id, flow_id, payload)
+
+
+def test_forward_datagram_layout() -> None:
+    assert encode_forward_datagram(3, 300, b"hi") == b"\x01\x03\x41\x2chi"
+    assert encode_forward_reply_datagram(3, 300, b"") == b"\x02\x03\x41\x2c"
+    # ids below 2**14 take at most 2 bytes each: the FORWARD header is at most 4 bytes after the kind
+    assert len(encode_forward_datagram(MAX_SERVICE_ID, MAX_SERVICE_ID, b"")) == 5
+
+
+@pytest.mark.parametrize("data", [b"", b"\x03", b"\xff\x00", b"\x01", b"\x01\x05", b"\x01\x40", b"\x02\x05"])
 def test_bad_datagrams(data: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         decode_datagram(data)
@@ -281,6 +300,10 @@ frames = st.one_of(
     st.builds(Ack, st.lists(varints, max_size=20).map(tuple)),
     st.builds(Reject, varints, varints, reasons),
     st.builds(GoAway, varints, reasons),
+    st.builds(Services, st.dictionaries(st.integers(0, MAX_SERVICE_ID),
+                                        st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True),
+                                        max_size=6).map(lambda d: tuple({n: i for i, n in d.items()}.items()))
+              .map(lambda pairs: tuple((i, n) for n, i in pairs))),
 )
 hellos = st.builds(Hello, varints, varints, varints, varints)
 
@@ -291,6 +314,18 @@ def test_control_frame_layout() -> None:
     assert encode_frame(Ack((7, 3, 4, 3))) == b"\x02\x04\x03\x03\x00\x02"  # ids 3, 4, 7 as gaps
     assert encode_frame(Reject(9, ErrorCode.MESSAGE_TOO_LARGE, "big")) == b"\x03\x05\x09\x02big"
     assert encode_frame(GoAway(ErrorCode.SHUTDOWN, "")) == b"\x04\x01\x04"
+    assert encode_frame(Services(((7, "dns"), (2, "game")))) == b"\x05\x0c\x02\x02\x04game\x07\x03dns"
+    assert encode_frame(Services(())) == b"\x05\x01\x00"
+
+
+def test_services_frame_limits() -> None:
+    biggest = Services(tuple((i, f"{i:03d}" + "x" * 60) for i in range(MAX_SERVICES)))
+    assert len(encode_frame(biggest)) < MAX_CONTROL_FRAME_PAYLOAD
+    assert ControlDecoder().feed(encode_frame(Hello(1, 0, 0, 0)) + encode_frame(biggest))[1] == biggest
+    with pytest.raises(ValueError):
+        encode_frame(Services(((MAX_SERVICE_ID + 1, "x"),)))
+    with pytest.raises(ValueError):
+        encode_frame(Services(((1, ""),)))
 
 
 def test_ack_normalizes_ids() -> None:
@@ -355,6 +390,14 @@ def test_unknown_frame_types_are_skipped() -> None:
         (encode_frame(Hello(1, 0, 0, 0)) + b"\x02\x11\x02" + b"\xff" * 16, "Ack message id out of range"),
         (encode_frame(Hello(1, 0, 0, 0)) + b"\x03\x01\x40", "truncated Reject"),
         (encode_frame(Hello(1, 0, 0, 0)) + b"\x04\x00", "truncated GoAway"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x04\x01\x01\x03ab", "truncated Services"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x02\x05\x00", "Services claims 5 entries"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x04\x01\x01\x00a", "bad Services entry"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x06\x01\x80\x00\x40\x00\x01", "bad Services entry"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x04\x01\x01\x01\xff", "not UTF-8"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x07\x02\x01\x01a\x01\x01b", "duplicate Services entry"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x07\x02\x01\x01a\x02\x01a", "duplicate Services entry"),
+        (encode_frame(Hello(1, 0, 0, 0)) + b"\x05\x05\x01\x01\x01ab", "trailing bytes in Services"),
     ],
 )
 def test_control_frame_errors(data: bytes, match: str) -> None:
@@ -427,7 +470,7 @@ def test_control_decoder_fuzz(data: bytes, cuts: list[int]) -> None:
     try:
         for chunk in chunked(data, cuts):
             for frame in decoder.feed(chunk):
-                assert isinstance(frame, (Hello, Ack, Reject, GoAway))
+                assert isinstance(frame, (Hello, Ack, Reject, GoAway, Services))
     except ProtocolError as error:
         assert error.code == ErrorCode.PROTOCOL_VIOLATION
 
