@@ -34,6 +34,8 @@ __all__ = [
     "Timers",
     "ControlSection",
     "LogSection",
+    "ServiceConfig",
+    "ForwardConfig",
     "Config",
     "parse_address",
     "normalize_fingerprint",
@@ -52,6 +54,9 @@ MAX_SECONDS = 86_400.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 DEFAULT_SOCKET_NAME = "quicmesh.sock"
+#: Forwarded UDP services a node may expose (ids must fit the wire's Services frame).
+MAX_SERVICES = 512
+MAX_FLOWS_PER_PEER = 16_384  # flow ids are below 2**14 on the wire
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -98,6 +103,8 @@ class Limits:
     datagram_queue: int = 1024
     message_window: int = 64
     max_requests_in_flight: int = 64
+    max_flows_per_peer: int = 256  # forwarded UDP flows per peer, each way (new flows over it are dropped)
+    forward_idle_timeout: float = 60.0  # seconds without traffic before a forwarded UDP flow is closed
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,24 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
+
+    name: str
+    target: Address  # where datagrams of the service go: the only addresses forwarding ever sends to
+    allow: tuple[str, ...] | None = None  # peers that may use it; None (key left out): every peer
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """A local UDP port whose datagrams go to ``service`` on ``peer``."""
+
+    listen: Address
+    peer: str
+    service: str
+
+
+@dataclass(frozen=True)
 class Config:
     """A node's whole config, validated and resolved: what the node, the CLI and reloads work from."""
 
@@ -133,6 +158,8 @@ class Config:
     timers: Timers
     control: ControlSection
     log: LogSection
+    services: tuple[ServiceConfig, ...] = ()
+    forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key
 
     def peer(self, name: str) -> PeerConfig | None:
@@ -460,16 +487,49 @@ _LIMITS = _Table(Limits, (
     _Field("datagram_queue", _integer(1, MAX_DATAGRAM_QUEUE)),
     _Field("message_window", _integer(1, MAX_MESSAGE_WINDOW)),
     _Field("max_requests_in_flight", _integer(1, 100)),
+    _Field("max_flows_per_peer", _integer(1, MAX_FLOWS_PER_PEER)),
+    _Field("forward_idle_timeout", _seconds),
 ))
 _TIMERS = _Table(Timers, tuple(_Field(f.name, _seconds) for f in dataclasses.fields(Timers)))
 _CONTROL = _Table(ControlSection, (_Field("socket", _socket),))  # default needs the node name
 _LOG = _Table(LogSection, (_Field("level", _choice(*LOG_LEVELS)), _Field("format", _choice(*LOG_FORMATS))))
 
-# Config's sections, in file order; "peers" is an array of _PEER tables.
+
+def _peer_names(value: Any, parser: _Parser) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f'must be an array of peer names, e.g. ["beta"], got {_show(value)}')
+    names, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            name = validate_name(item, "peer")
+        except InvalidNameError as e:
+            problems.append((f"[{i}]", str(e)))
+            continue
+        if name in names:
+            problems.append((f"[{i}]", f"duplicate peer {name!r}"))
+        names.append(name)
+    if problems:
+        raise _ItemErrors(problems)
+    return tuple(names)
+
+
+_SERVICE = _Table(ServiceConfig, (
+    _Field("name", _name("service"), required=True),
+    _Field("target", _address(), required=True),
+    _Field("allow", _peer_names),
+))
+_FORWARD = _Table(ForwardConfig, (
+    _Field("listen", _address(allow_port_zero=True), required=True),
+    _Field("peer", _name("peer"), required=True),
+    _Field("service", _name("service"), required=True),
+))
+
+# Config's sections, in file order; "peers", "services" and "forwards" are arrays of tables.
 _SECTIONS: dict[str, _Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
-    "timers": _TIMERS, "control": _CONTROL, "log": _LOG,
+    "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "services": _SERVICE, "forwards": _FORWARD,
 }
+_ARRAYS = ("peers", "services", "forwards")
 _REQUIRED_SECTIONS = ("node", "tls")
 # (low, high, strict): timers that must stay ordered.
 _TIMER_ORDER = (("keepalive", "dead_after", True), ("backoff_min", "backoff_max", False))
@@ -494,7 +554,8 @@ class _Parser:
             hint = _did_you_mean(key, known) or f" (known {what}s: {', '.join(known)})"
             if not prefix:  # a key written above every [section], most likely
                 owners = [_header(s) for s, table in _SECTIONS.items() if key in table.keys]
-                hint = f"; {key!r} belongs in {' or '.join(owners)}" if owners else hint
+                if owners and not (_did_you_mean(key, known) and isinstance(data[key], (Mapping, list))):
+                    hint = f"; {key!r} belongs in {' or '.join(owners)}"
             self.fail(_key(prefix, key), f"unknown {what}{hint}")
 
     def table(self, data: Any, path: str, table: _Table) -> tuple[dict[str, Any], bool]:
@@ -520,14 +581,54 @@ class _Parser:
                 self.fail(at, str(e))
         return values, len(self.errors) == before
 
-    def peers(self, data: Any) -> list[dict[str, Any]]:
+    def peers(self, data: Any, section: str = "peers") -> list[dict[str, Any]]:
         if isinstance(data, Mapping):
-            self.fail("peers", "must be an array of tables: write [[peers]] (one per peer), not [peers]")
+            one = {"peers": "peer", "services": "service", "forwards": "forward"}[section]
+            self.fail(section, f"must be an array of tables: write [[{section}]] (one per {one}), not [{section}]")
             return []
         if not isinstance(data, (list, tuple)):
-            self.fail("peers", f"must be an array of tables ([[peers]]), got {_show(data)}")
+            self.fail(section, f"must be an array of tables ([[{section}]]), got {_show(data)}")
             return []
-        return [self.table(item, f"peers[{i}]", _PEER)[0] for i, item in enumerate(data)]
+        return [self.table(item, f"{section}[{i}]", _SECTIONS[section])[0] for i, item in enumerate(data)]
+
+    def check_forwarding(self, node: dict[str, Any], peers: list[dict[str, Any]],
+                         services: list[dict[str, Any]], forwards: list[dict[str, Any]]) -> None:
+        """Unique service names and listen addresses; every peer named is a configured peer."""
+        known = [p["name"] for p in peers if "name" in p]
+
+        def unknown_peer(at: str, name: str) -> None:
+            hint = _did_you_mean(name, known) or (f" (configured peers: {', '.join(known)})" if known
+                                                  else " (no [[peers]] are configured)")
+            self.fail(at, f"{name!r} is not a configured peer{hint}")
+
+        if len(services) > MAX_SERVICES:
+            self.fail("services", f"at most {MAX_SERVICES} services, got {len(services)}")
+        first: dict[Any, int] = {}
+        for i, service in enumerate(services):
+            name = service.get("name")
+            if name is not None:
+                if name in first:
+                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also services[{first[name]}])")
+                else:
+                    first[name] = i
+            for j, peer in enumerate(service.get("allow") or ()):
+                if peer not in known:
+                    unknown_peer(f"services[{i}].allow[{j}]", peer)
+        listens: dict[Any, int] = {}
+        own = node.get("listen")
+        for i, forward in enumerate(forwards):
+            peer = forward.get("peer")
+            if peer is not None and peer not in known:
+                unknown_peer(f"forwards[{i}].peer", peer)
+            listen = forward.get("listen")
+            if listen is None or listen.port == 0:
+                continue
+            if listen in listens:
+                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also forwards[{listens[listen]}])")
+            else:
+                listens[listen] = i
+            if own is not None and listen == own:
+                self.fail(f"forwards[{i}].listen", f"{listen} is this node's own QUIC port (node.listen)")
 
     def check_peer_names(self, node_name: str | None, peers: list[dict[str, Any]]) -> None:
         first: dict[str, int] = {}
@@ -578,13 +679,16 @@ def parse_config(
 
     values: dict[str, dict[str, Any]] = {}
     valid: dict[str, bool] = {}
-    peers: list[dict[str, Any]] = []
+    arrays: dict[str, list[dict[str, Any]]] = {}
     for name, table in _SECTIONS.items():
-        if name == "peers":
-            peers = parser.peers(data.get("peers", []))
-            parser.check_peer_names(values.get("node", {}).get("name"), peers)
+        if name in _ARRAYS:
+            arrays[name] = parser.peers(data.get(name, []), name)
+            if name == "peers":
+                parser.check_peer_names(values.get("node", {}).get("name"), arrays[name])
         elif name in data:
             values[name], valid[name] = parser.table(data[name], name, table)
+    peers = arrays["peers"]
+    parser.check_forwarding(values.get("node", {}), peers, arrays["services"], arrays["forwards"])
 
     if valid.get("timers"):
         parser.check_timer_order(values["timers"])
@@ -596,8 +700,10 @@ def parse_config(
     if parser.errors:
         raise ConfigError(parser.errors, source)
     sections = {name: table.cls(**values.get(name, {})) for name, table in _SECTIONS.items()
-                if name != "peers"}
-    return Config(**sections, peers=tuple(PeerConfig(**peer) for peer in peers))
+                if name not in _ARRAYS}
+    return Config(**sections, peers=tuple(PeerConfig(**peer) for peer in peers),
+                  services=tuple(ServiceConfig(**item) for item in arrays["services"]),
+                  forwards=tuple(ForwardConfig(**item) for item in arrays["forwards"]))
 
 
 def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
@@ -628,7 +734,7 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Co
 
 
 def _header(section: str) -> str:
-    return f"[[{section}]]" if section == "peers" else f"[{section}]"
+    return f"[[{section}]]" if section in _ARRAYS else f"[{section}]"
 
 
 def _toml_value(value: Any) -> str:

@@ -20,10 +20,12 @@ from quicmesh.config import (
     Address,
     Config,
     ControlSection,
+    ForwardConfig,
     Limits,
     LogSection,
     NodeSection,
     PeerConfig,
+    ServiceConfig,
     Timers,
     TlsSection,
     load_config,
@@ -179,7 +181,7 @@ def test_to_dict_is_plain_json_ready_data(tmp_path: Path) -> None:
     assert data["peers"][1] == {"name": "gamma", "address": "[2001:db8::3]:5000", "fingerprint": "sha256:" + "cd" * 32}
     assert "fingerprint" not in data["peers"][0]  # TOML has no null: unset optional keys are left out
     assert data["timers"]["dead_after"] == 2.0
-    assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log"}
+    assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "services", "forwards"}
 
 
 # --- errors, each with its key path -----------------------------------------------------------------
@@ -248,8 +250,9 @@ ERROR_CASES = [
     (_set("log.format", "xml"), 'log.format: must be one of text, json, got "xml"'),
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
-    (_set("storage", {}), "storage: unknown section (known sections: node, tls, peers, limits, timers, control, log)"),
-    (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node]"),
+    (_set("storage", {}), "storage: unknown section (known sections: node, tls, peers, limits, timers, control, log, "
+                                "services, forwards)"),
+    (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
     (_set("node.my key", 1), 'node."my key": unknown key (known keys: name, mesh, listen)'),
@@ -563,7 +566,7 @@ def _keys_by_section(text: str) -> dict[str, set[str]]:
     keys: dict[str, set[str]] = {}
     section = ""
     for line in text.splitlines():
-        if header := re.match(r"\[\[?([a-z_]+)\]\]?", line):
+        if header := re.match(r"#?\s*\[\[?([a-z_]+)\]\]?", line):  # "# [[services]]": a commented example
             section = header.group(1)
             keys.setdefault(section, set())
         elif key := re.match(r"#?\s*([a-z_]+)\s*=", line):
@@ -577,7 +580,8 @@ def test_example_config_parses_and_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     sections = {f.name for f in dataclasses.fields(Config)} - {"path"}
     classes = {"node": NodeSection, "tls": TlsSection, "peers": PeerConfig, "limits": Limits,
-               "timers": Timers, "control": ControlSection, "log": LogSection}
+               "timers": Timers, "control": ControlSection, "log": LogSection,
+               "services": ServiceConfig, "forwards": ForwardConfig}
     assert set(classes) == set(sections)
     assert _keys_by_section(text) == {
         name: {f.name for f in dataclasses.fields(cls)} for name, cls in classes.items()
@@ -601,8 +605,9 @@ def test_example_config_matches_the_doc() -> None:
 
 
 # --- nothing but ConfigError escapes --------------------------------------------------------------------
-KNOWN_KEYS = sorted({"node", "tls", "peers", "limits", "timers", "control", "log"} | {
-    f.name for cls in (NodeSection, TlsSection, PeerConfig, Limits, Timers, ControlSection, LogSection)
+KNOWN_KEYS = sorted({"node", "tls", "peers", "limits", "timers", "control", "log", "services", "forwards"} | {
+    f.name for cls in (NodeSection, TlsSection, PeerConfig, Limits, Timers, ControlSection, LogSection,
+                       ServiceConfig, ForwardConfig)
     for f in dataclasses.fields(cls)
 })
 keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=8))
@@ -654,3 +659,64 @@ def test_edited_valid_config_gives_a_config_or_a_config_error(files_dir: Path, e
         else:
             table[key] = value
     _parse_or_config_error(data, files_dir, check_files)
+
+
+# --- UDP service forwarding -------------------------------------------------------------------------------
+FORWARDING = FULL + """
+[[services]]
+name = "game"
+target = "127.0.0.1:7777"
+allow = ["beta"]
+
+[[services]]
+name = "dns"
+target = "localhost:53"
+
+[[forwards]]
+listen = "127.0.0.1:5000"
+peer = "gamma"
+service = "game"
+"""
+
+
+def test_services_and_forwards(tmp_path: Path) -> None:
+    config = load_config(write_config(make_files(tmp_path), FORWARDING))
+    assert config.services == (ServiceConfig("game", Address("127.0.0.1", 7777), ("beta",)),
+                               ServiceConfig("dns", Address("localhost", 53), None))
+    assert config.forwards == (ForwardConfig(Address("127.0.0.1", 5000), "gamma", "game"),)
+    assert config.limits.max_flows_per_peer == 256 and config.limits.forward_idle_timeout == 60.0
+    data = config.to_dict()
+    assert data["services"][1] == {"name": "dns", "target": "localhost:53"}  # allow left out: every peer
+    assert load_config(write_config(tmp_path, render_config(config), "resolved.toml")) == dataclasses.replace(
+        config, path=tmp_path / "resolved.toml")
+
+
+FORWARDING_ERRORS = [
+    (_set("services[1].name", "game"), "services[1].name: duplicate service 'game' (also services[0])"),
+    (_set("services[0].name", "Game"), "services[0].name: invalid service name 'Game': it has upper-case letters (use lower case)"),
+    (_set("services[0].target", "127.0.0.1:0"), 'services[0].target: invalid address "127.0.0.1:0": port 0 is out of range (1..65535)'),
+    (_set("services[0].target", DELETE), "services[0].target: missing required key"),
+    (_set("services[0].allow", ["beta", "gama"]), "services[0].allow[1]: 'gama' is not a configured peer, did you mean 'gamma'?"),
+    (_set("services[0].allow", ["beta", "beta"]), "services[0].allow[1]: duplicate peer 'beta'"),
+    (_set("services[0].allow", "beta"), 'services[0].allow: must be an array of peer names, e.g. ["beta"], got "beta"'),
+    (_set("services[0].port", 1), "services[0].port: unknown key (known keys: name, target, allow)"),
+    (_set("forwards[0].peer", "zzz"), "forwards[0].peer: 'zzz' is not a configured peer (configured peers: beta, gamma)"),
+    (_set("forwards[0].servce", "x"), "forwards[0].servce: unknown key, did you mean 'service'?"),
+    (_set("forwards[0].listen", "127.0.0.1:4433"), "forwards[0].listen: 127.0.0.1:4433 is this node's own QUIC port (node.listen)"),
+    (_set("forwards", {"listen": "127.0.0.1:1"}), "forwards: must be an array of tables: write [[forwards]] (one per forward), not [forwards]"),
+    (_set("limits.max_flows_per_peer", 0), "limits.max_flows_per_peer: must be an integer between 1 and 16384, got 0"),
+    (_set("limits.forward_idle_timeout", 0), "limits.forward_idle_timeout: must be a number of seconds, > 0 and <= 86400, got 0"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), FORWARDING_ERRORS)
+def test_forwarding_errors_name_their_key_path(mutate, expected: str) -> None:
+    data = tomllib.loads(FORWARDING)
+    mutate(data)
+    assert errors_of(data) == [expected]
+
+
+def test_duplicate_forward_listen_addresses() -> None:
+    data = tomllib.loads(FORWARDING)
+    data["forwards"].append(dict(data["forwards"][0], service="dns"))
+    assert errors_of(data) == ["forwards[1].listen: duplicate listen address 127.0.0.1:5000 (also forwards[0])"]
