@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, load_config, render_config
-from .control import SOCKET_ENV, ControlClient, NodeUnreachableError, socket_path
+from .control import REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status, socket_path
 from .errors import ConfigError, IdentityError, QuicmeshError
 from .logs import FORMATS, LEVELS
 from .status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
@@ -28,7 +28,6 @@ from .status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREAC
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 STATUS_POLL = 0.2       # seconds between two polls of `status --wait`
-REPLY_TIMEOUT = 5.0     # a daemon that does not answer within this (beyond the op's own timeout) is unreachable
 SEND_WINDOW = 64        # `send --lines`: messages awaiting their acknowledgement at once
 
 STATUS_EPILOG = f"""\
@@ -135,6 +134,12 @@ def build_parser() -> _Parser:
     demo = command("demo", "start a throwaway 3-node mesh on 127.0.0.1 and show it working", _cmd_demo)
     demo.add_argument("--nodes", type=_count, default=3, metavar="N", help="how many nodes (2-8, default 3)")
     demo.add_argument("--keep", action="store_true", help="leave the nodes running and say how to use them")
+
+    from .bench import cli as bench_cli  # argparse only: the bench processes import aioquic themselves
+
+    bench = command("bench", "measure datagram, message, request and bulk rates, loss and latency on loopback",
+                    _cmd_bench, bench_cli.EPILOG)
+    bench_cli.add_arguments(bench)
     return parser
 
 
@@ -246,17 +251,6 @@ def _socket(args: argparse.Namespace) -> Path:
     if not (args.socket or args.config or os.environ.get(SOCKET_ENV)):
         args.parser.error(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
     return socket_path(load_config(args.config) if args.config else None, explicit=args.socket)
-
-
-async def fetch_status(path: Path) -> dict[str, Any]:
-    async def ask() -> dict[str, Any]:
-        async with await ControlClient.connect(path) as client:
-            return await client.status()
-
-    try:
-        return await asyncio.wait_for(ask(), REPLY_TIMEOUT)
-    except TimeoutError:
-        raise NodeUnreachableError(f"the node at {path} did not answer within {REPLY_TIMEOUT:.0f}s") from None
 
 
 async def wait_status(path: Path, wait: float) -> tuple[dict[str, Any] | None, NodeUnreachableError | None]:
@@ -422,6 +416,12 @@ async def _listen(path: Path, args: argparse.Namespace) -> int:
         except TimeoutError:
             pass
     return EXIT_FAILED if args.count else EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cli as bench_cli
+
+    return bench_cli.run(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

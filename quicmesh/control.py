@@ -37,6 +37,7 @@ EVENT_QUEUE_LINES = 4096                 # event lines buffered per client befor
 EVENT_QUEUE_BYTES = 16 * 1024 * 1024     # ...or this many bytes (one line is always accepted)
 SERVE_TIMEOUT = 30.0                     # how long a serving client may take to answer a request
 CLIENT_LINE_LIMIT = 64 * 1024 * 1024     # longest line a client accepts (a base64 max_message_size body)
+REPLY_TIMEOUT = 5.0                      # a daemon silent this long (beyond the op's own timeout) is unreachable
 EVENT_KINDS = ("datagram", "message", "peer")
 
 
@@ -515,3 +516,15 @@ class ControlClient:
                 if not reply.done():
                     reply.set_exception(NodeUnreachableError(reason))
             self._events.put_nowait(None)
+
+
+async def fetch_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One status document from the node at ``path``; NodeUnreachableError if it does not answer."""
+    async def ask() -> dict[str, Any]:
+        async with await ControlClient.connect(path) as client:
+            return await client.status()
+
+    try:
+        return await asyncio.wait_for(ask(), REPLY_TIMEOUT)
+    except TimeoutError:
+        raise NodeUnreachableError(f"the node at {path} did not answer within {REPLY_TIMEOUT:.0f}s") from None

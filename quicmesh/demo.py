@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from pki.bootstrap import NodeSpec, bootstrap
 
 from .config import Address, load_config, render_config
-from .control import SOCKET_ENV, ControlClient, NodeUnreachableError
+from .control import SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status
 from .errors import QuicmeshError
 from .identity import fingerprint, load_certificates
 from .status import exit_code, problem_summary, render
@@ -118,8 +118,7 @@ async def wait_healthy(node: LocalNode, deadline: float, process: subprocess.Pop
         if process is not None and process.poll() is not None:
             raise DemoError(f"{node.name} exited with status {process.returncode}; its log:\n{tail(node.log)}")
         try:
-            async with await ControlClient.connect(node.socket) as client:
-                status = await client.status()
+            status = await fetch_status(node.socket)
         except NodeUnreachableError:
             status = None
         if exit_code(status) == 0:

@@ -9,9 +9,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from quicmesh.control import fetch_status
 from quicmesh.demo import LocalNode, make_local_mesh, start_node, stop_nodes, wait_healthy
 
 CLI_TIMEOUT = 30.0  # no single command of a test may take longer
@@ -71,6 +73,10 @@ class RunningMesh:
 
     def socket(self, name: str) -> str:
         return str(self.nodes[name].socket)
+
+    def status(self, name: str) -> dict[str, Any]:
+        """The node's status document, fetched in-process (cheap enough to poll)."""
+        return asyncio.run(fetch_status(self.nodes[name].socket))
 
     def log(self, name: str) -> str:
         return self.nodes[name].log.read_text()

@@ -39,19 +39,13 @@ def poll(condition, timeout: float = 10.0, interval: float = 0.1):
     return result
 
 
-def status_json(cli, mesh: RunningMesh, node: str) -> dict:
-    result = cli("status", "--json", "--socket", mesh.socket(node))
-    assert result.returncode in (0, 2), result.stderr
-    return json.loads(result.stdout)
-
-
 # --- one shared mesh ---------------------------------------------------------------------------------
 def test_status_of_a_healthy_mesh(cli, shared_mesh: RunningMesh) -> None:
     alpha = shared_mesh.socket("alpha")
     assert cli("status", "--wait", "10", "--socket", alpha).returncode == 0
     check = cli("status", "--check", "--socket", alpha)
     assert (check.returncode, check.stdout, check.stderr) == (0, "", "")
-    document = status_json(cli, shared_mesh, "alpha")
+    document = json.loads(cli("status", "--json", "--socket", alpha).stdout)
     assert document["schema"] == 1 and document["healthy"] is True
     assert (document["node"], document["mesh"], document["peers_connected"], document["peers_total"]) == (
         "alpha", "demo", 2, 2)
@@ -126,9 +120,8 @@ def test_listen_times_out_with_exit_1(cli, shared_mesh: RunningMesh) -> None:
 
 
 def test_ready_and_peer_log_lines_without_key_material(cli, shared_mesh: RunningMesh) -> None:
-    fingerprint = status_json(cli, shared_mesh, "alpha")["fingerprint"]
-    assert fingerprint == next(p["fingerprint"] for p in status_json(cli, shared_mesh, "beta")["peers"]
-                               if p["name"] == "alpha")
+    fingerprint = shared_mesh.status("alpha")["fingerprint"]
+    assert fingerprint == next(p["fingerprint"] for p in shared_mesh.status("beta")["peers"] if p["name"] == "alpha")
     log = shared_mesh.log("alpha")
     [ready] = [line for line in log.splitlines() if " ready " in line]
     assert "node=alpha" in ready and "mesh=demo" in ready and f"fingerprint={fingerprint}" in ready
@@ -155,8 +148,9 @@ def test_sigterm_stops_cleanly_and_peers_notice(cli, running_mesh: RunningMesh) 
     assert time.monotonic() - started < 5
     assert not running_mesh.nodes["gamma"].socket.exists()
     assert " stopped " in running_mesh.log("gamma")
-    result = poll(lambda: (r := cli("status", "--socket", running_mesh.socket("alpha"))).returncode == 2 and r)
-    assert "peers 1/2 connected" in result.stdout
+    poll(lambda: running_mesh.status("alpha")["peers_connected"] == 1)
+    result = cli("status", "--socket", running_mesh.socket("alpha"))
+    assert result.returncode == 2 and "peers 1/2 connected" in result.stdout
     check = cli("status", "--check", "--socket", running_mesh.socket("alpha"))
     assert check.returncode == 2 and check.stdout == "" and "gamma" in check.stderr
     assert poll(lambda: "peer disconnected" in running_mesh.log("alpha"))
@@ -164,7 +158,7 @@ def test_sigterm_stops_cleanly_and_peers_notice(cli, running_mesh: RunningMesh) 
 
 
 def test_sighup_after_revoke_drops_only_the_revoked_node(cli, running_mesh: RunningMesh, mesh_dir: Path) -> None:
-    before = {p["name"]: p["connected_since"] for p in status_json(cli, running_mesh, "alpha")["peers"]}
+    before = {p["name"]: p["connected_since"] for p in running_mesh.status("alpha")["peers"]}
     revoke = subprocess.run([str(Path(sys.executable).with_name("quicmesh-pki")), "revoke", "gamma",
                              "--ca-dir", str(mesh_dir / "ca")], capture_output=True, text=True, timeout=30)
     assert revoke.returncode == 0, revoke.stderr
@@ -172,7 +166,7 @@ def test_sighup_after_revoke_drops_only_the_revoked_node(cli, running_mesh: Runn
         running_mesh.signal(name, signal.SIGHUP)
 
     def gamma_gone(name: str) -> dict | None:
-        document = status_json(cli, running_mesh, name)
+        document = running_mesh.status(name)
         states = {p["name"]: p["state"] for p in document["peers"]}
         return document if states["gamma"] != "connected" else None
 
