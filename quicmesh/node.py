@@ -245,6 +245,7 @@ class Node:
         #: The latest handshake rejections, either way: (unix time, address, reason).
         self.rejections: deque[tuple[float, str, str]] = deque(maxlen=32)
         self.rejection_count = 0
+        self._forward_handler: Any = None  # quicmesh.forward.Forwarder: UDP service forwarding
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -621,6 +622,9 @@ class Node:
                 self._acked(state, frame.message_ids)
             elif isinstance(frame, wire.Reject):
                 self._rejected(state, frame)
+            elif isinstance(frame, wire.Services):
+                if self._forward_handler is not None and state.hello is not None:
+                    self._forward_handler.peer_services(state.peer, state.hello.epoch, frame.entries)
             elif isinstance(frame, wire.GoAway):
                 reason = f"peer is going away: {frame.reason or _error_name(frame.code)}"
                 self._close_link(state, wire.ErrorCode.NO_ERROR, reason, quiet=True)
@@ -642,6 +646,8 @@ class Node:
             now=self._now(),
         )
         self._apply(actions)
+        if self._forward_handler is not None and state.usable:
+            self._send_control(state, wire.Services(tuple(self._forward_handler.services_for(state.peer))))
         early, state.early_messages = state.early_messages, []
         for message_id, body in early:
             self._message(state, message_id, body)
@@ -790,6 +796,59 @@ class Node:
             sent.append(name)
         return sent
 
+    # --- UDP service forwarding hooks (the logic is in quicmesh.forward) ---------------------------
+    def set_forward_handler(self, handler: Any) -> None:
+        """Install the UDP service forwarder: it is asked ``services_for(peer)`` when a connection becomes
+        ready, and told ``peer_services(peer, epoch, entries)`` and
+        ``forward_datagram(peer, kind, service_id, flow_id, payload)``."""
+        self._forward_handler = handler
+
+    @property
+    def forward_handler(self) -> Any:
+        return self._forward_handler
+
+    def announce_services(self) -> None:
+        """Send every ready connection a fresh Services frame (after the exposed services changed)."""
+        if self._forward_handler is None:
+            return
+        for name, peer in self._peers.items():
+            state = peer.link
+            if state is not None and state.usable:
+                self._send_control(state, wire.Services(tuple(self._forward_handler.services_for(name))))
+                self._touch(state)
+
+    def forward_payload_limit(self, peer: str) -> int:
+        """The largest forwarded UDP payload to ``peer``: its datagram limit minus the FORWARD header."""
+        target = self._peers.get(peer)
+        state = target.link if target is not None else None
+        limit = self._datagram_limit(state) if state is not None else self.max_datagram_payload
+        return limit - wire.FORWARD_HEADER_MAX
+
+    def send_forward_datagram(
+        self, peer: str, service_id: int, flow_id: int, payload: bytes, *, reply: bool = False
+    ) -> str | None:
+        """Queue a FORWARD (``reply``: FORWARD_REPLY) datagram: None if queued, else why it was dropped
+        (``"not connected"``, ``"queue full"``). The caller keeps payloads within forward_payload_limit."""
+        target = self._peers.get(peer)
+        state = target.link if target is not None else None
+        if target is None or state is None or not state.usable:
+            return "not connected"
+        encode = wire.encode_forward_reply_datagram if reply else wire.encode_forward_datagram
+        frame = encode(service_id, flow_id, payload)
+        counters = target.counters
+        queue = target.datagram_queue
+        if not queue and state.quic.pending_datagrams() < _DATAGRAM_BURST:
+            state.quic.send_datagram_frame(frame)
+            counters.datagrams_out += 1
+        elif len(queue) < self._config.limits.datagram_queue:
+            queue.append(frame)
+        else:
+            counters.datagrams_dropped += 1
+            return "queue full"
+        counters.bytes_out += len(payload)
+        self._touch(state)
+        return None
+
     def _datagram_limit(self, state: _LinkState) -> int:
         own = self.max_datagram_payload
         return min(own, state.hello.max_datagram_payload) if state.hello else own
@@ -799,7 +858,9 @@ class Node:
             return  # nothing is accepted before the peer's Hello
         decoded = wire.decode_datagram(data)
         if decoded[0] != wire.DatagramKind.APP:
-            return  # service forwarding datagrams: not handled by this node
+            if self._forward_handler is not None:  # FORWARD / FORWARD_REPLY: quicmesh.forward's business
+                self._forward_handler.forward_datagram(state.peer, *decoded)
+            return
         payload = decoded[1]
         peer = self._peers[state.peer]
         peer.counters.datagrams_in += 1
