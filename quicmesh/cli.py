@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,8 @@ from typing import Any
 
 from . import __version__
 from .config import Config, load_config, render_config
-from .control import REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status, socket_path
+from .control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
+                      fetch_status, socket_path)
 from .errors import ConfigError, IdentityError, QuicmeshError
 from .logs import FORMATS, LEVELS
 from .status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
@@ -287,10 +289,20 @@ def _payload(data: str) -> bytes:
 
 
 async def _stdin_lines() -> AsyncIterator[bytes]:
-    """Lines of stdin as they come (a thread reads, so `tail -f | quicmesh send --lines` streams)."""
-    loop = asyncio.get_running_loop()
-    while line := await loop.run_in_executor(None, sys.stdin.buffer.readline):
-        yield line.removesuffix(b"\n").removesuffix(b"\r")
+    """Lines of stdin as they come, so `tail -f log | quicmesh send --lines PEER -` streams; a pipe is read
+    without blocking the event loop (and without a thread that could keep the process alive)."""
+    if stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):  # a file never blocks
+        for line in sys.stdin.buffer:
+            yield line.removesuffix(b"\n").removesuffix(b"\r")
+        return
+    reader = asyncio.StreamReader(limit=CLIENT_LINE_LIMIT)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    try:
+        while line := await reader.readline():
+            yield line.removesuffix(b"\n").removesuffix(b"\r")
+    finally:
+        transport.close()
 
 
 async def _given_lines(data: str) -> AsyncIterator[bytes]:
@@ -329,29 +341,36 @@ async def _send_lines(path: Path, args: argparse.Namespace) -> int:
     failure: str | None = None
     started = time.monotonic()
 
-    async def send_one(client: ControlClient, number: int, line: bytes) -> None:
+    number = 0
+
+    async def send_one(client: ControlClient, line_number: int, line: bytes) -> None:
         nonlocal done, failure
         try:
             await _acked(client.send(args.peer, line, datagram=args.datagram), args)
             done += 1
         except QuicmeshError as exc:
-            failure = failure or f"line {number}: {exc}"
+            failure = failure or f"line {line_number}: {exc}"
+            feeding.cancel()  # stop reading: stdin may stay open for a long time
         finally:
             window.release()
 
-    async with await ControlClient.connect(path) as client:
-        number = 0
+    async def feed(client: ControlClient) -> None:
+        nonlocal number
         async for line in _stdin_lines() if args.data == "-" else _given_lines(args.data):
             await window.acquire()
-            if failure:
-                break
             number += 1
             task = asyncio.create_task(send_one(client, number, line))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+    async with await ControlClient.connect(path) as client:
+        feeding = asyncio.create_task(feed(client))
+        await asyncio.wait([feeding])  # ends when stdin does, or at the first failure
         await asyncio.gather(*tasks)
+        if not feeding.cancelled() and feeding.exception() is not None:
+            raise feeding.exception()
     if failure:
-        _error(f"{failure} ({done} of {number} {kind}s sent before it)")
+        _error(f"{failure}; {done} of {number} {kind}s {'sent' if args.datagram else 'acknowledged'}")
         return EXIT_FAILED
     what = "all acknowledged" if not args.datagram else "datagrams are not acknowledged"
     print(f"quicmesh: sent {done} {kind}s to {args.peer} in {time.monotonic() - started:.2f}s ({what})",

@@ -633,6 +633,8 @@ class Node:
 
     def _hello(self, state: _LinkState, hello: wire.Hello) -> None:
         assert self._mesh is not None and state.peer is not None
+        if self._state != "running":
+            return  # stopping: no new peers
         if hello.version != wire.PROTOCOL_VERSION:
             self._close_link(
                 state, wire.ErrorCode.VERSION_MISMATCH,

@@ -1,0 +1,14 @@
+"""``quicmesh bench`` and ``python -m quicmesh.bench.compare``: measure quicmesh, and bare aioquic beside it.
+
+- :mod:`.runner` starts the processes of one run (a receiver and ``--peers`` senders, each in its own
+  process) on loopback, collects what they measured and renders it (text, JSON or CSV);
+- :mod:`.worker` is one such process (``python -m quicmesh.bench.worker JOB``): a quicmesh node, or a
+  bare-aioquic endpoint with the same settings (:mod:`.bare`);
+- :mod:`.cli` is the ``quicmesh bench`` glue; :mod:`.compare` runs quicmesh and bare aioquic for every figure
+  of issue 7 in one go and prints the ratios; :mod:`.meshscale` times an N-node full mesh.
+
+Every loop here is bounded in count and in time.
+"""
+
+MODES = ("datagram", "message", "request", "bulk")
+IMPLS = ("quicmesh", "bare")

@@ -1,0 +1,114 @@
+"""``quicmesh bench``: argument parsing and output, over :mod:`.runner`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import IMPLS, MODES
+from .runner import BenchOptions, banner, render_csv, render_text, run_bench
+
+BULK_SIZE = 1024 * 1024
+
+EPILOG = """\
+The default is a self-started pair on 127.0.0.1: a throwaway CA, one receiving node and --peers sending
+nodes, each node in its own process. Modes:
+  datagram  unreliable QUIC datagrams; loss %, one-way latency (send to receive)
+  message   reliable acknowledged messages (one stream each, 64 in flight per sender); latency = send to ack
+  request   sequential request/reply (one at a time per sender); latency = round trip
+  bulk      large reliable messages (--size default 1 MiB, 8 in flight); MB/s
+--impl bare runs the same with bare aioquic (the baseline of `python -m quicmesh.bench.compare`).
+uvloop is used when installed (pip install 'quicmesh[fast]'); --loop asyncio forces the stock loop.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", nargs="?", choices=MODES, default="datagram", help="what to measure (default datagram)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--msgs", type=_positive_int, metavar="N",
+                        help="messages to send in all (default 100000; request 10000; bulk 64)")
+    amount.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="send for this long instead")
+    parser.add_argument("--size", type=_positive_int, metavar="BYTES",
+                        help="payload size (default 100; bulk 1048576)")
+    parser.add_argument("--rate", type=_positive_float, metavar="N", help="messages per second in all (default: as fast as possible)")
+    parser.add_argument("--peers", type=_positive_int, default=1, metavar="N", help="sending processes (default 1)")
+    parser.add_argument("--impl", choices=IMPLS, default="quicmesh", help="quicmesh (default) or bare aioquic")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="event loop of the bench processes (default: uvloop if installed)")
+    parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                        help="give up after this long (default 120)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    output.add_argument("--csv", action="store_true", help="print per-peer and aggregate rows as CSV")
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    size = args.size if args.size is not None else (BULK_SIZE if args.mode == "bulk" else 100)
+    return BenchOptions(mode=args.mode, impl=args.impl, msgs=args.msgs, duration=args.duration, size=size,
+                        rate=args.rate, peers=args.peers, loop=args.loop, timeout=args.timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from(args)
+    try:
+        options.check()
+    except ValueError as error:
+        args.parser.error(str(error))
+    quiet = args.json or args.csv
+    if not quiet:
+        print(banner(options), flush=True)
+    show = _progress_printer() if not quiet else None
+    result = run_bench(options, progress=show)
+    if show is not None and sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.csv:
+        print(render_csv(result))
+    else:
+        print(render_text(result))
+    return 1 if any(p["timed_out"] for p in result["senders"]) else 0
+
+
+def _progress_printer() -> Any:
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        if tty:
+            sys.stderr.write("\r\033[K  " + line)
+        else:
+            sys.stderr.write("  progress: " + line + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value <= 1e9:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quicmesh bench", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return run(args)
