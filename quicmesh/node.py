@@ -787,6 +787,15 @@ class Node:
         counters.bytes_out += len(data)
         self._touch(state)
 
+    def datagram_backlog(self, peer: str) -> int:
+        """Datagrams for ``peer`` not yet on the wire (local queue + QUIC's): lets a sender pace itself."""
+        target = self._peer_or_raise(peer)
+        state = target.link
+        queued = len(target.datagram_queue)
+        if state is not None and not state.link.terminated:
+            queued += state.quic.pending_datagrams()
+        return queued
+
     def broadcast_datagram(self, data: bytes) -> list[str]:
         """Send a datagram to every connected peer; returns the names it was sent to."""
         sent = []
