@@ -20,6 +20,7 @@ from . import logs
 from .config import Config, load_config
 from .control import ControlServer, socket_path
 from .errors import ConfigError, QuicmeshError
+from .forward import Forwarder
 from .logs import fields
 from .node import Node
 from .status import format_address
@@ -55,6 +56,7 @@ class Daemon:
         self.config = config
         self._log_override = (log_level, log_format)  # command-line flags beat the config's [log]
         self.node = Node(config)
+        self.forwarder = Forwarder(self.node)  # UDP service forwarding: [[services]], [[forwards]]
         self.control = ControlServer(self.node, socket_path(config),
                                      max_message_size=config.limits.max_message_size)
         self._stop = asyncio.Event()
@@ -75,8 +77,10 @@ class Daemon:
             raise QuicmeshError(f"cannot start node {self.node.name} on {self.config.node.listen}: "
                                 f"{exc.strerror or exc}") from exc
         try:
+            await self.forwarder.start()
             await self.control.start()
         except BaseException:
+            await self.forwarder.stop()
             await self.node.stop("startup failed")
             raise
         self._spawn(self._forward_received())
@@ -109,6 +113,7 @@ class Daemon:
         notify("STOPPING=1")
         started = time.monotonic()
         code = 0
+        await self.forwarder.stop()
         try:
             await asyncio.wait_for(self.node.stop("shutdown"), STOP_TIMEOUT)
         except TimeoutError:
@@ -127,6 +132,7 @@ class Daemon:
             try:
                 new = load_config(self.config_path)
                 await self.node.reload(new)
+                await self.forwarder.apply(new)  # problems (a port in use) are logged; the rest applies
             except ConfigError as exc:
                 for error in exc.errors:
                     log.error("reload failed, keeping the old config", extra=fields(error=error))

@@ -216,7 +216,7 @@ class Forwarder:
         # Forwards: keep those whose config is unchanged.
         keep = []
         remaining = list(config.forwards)
-        for forward in self._forwards:
+        for forward in list(self._forwards):  # _close_forward removes from the list
             if forward.config in remaining:
                 remaining.remove(forward.config)
                 keep.append(forward)

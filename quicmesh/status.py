@@ -56,7 +56,14 @@ def build_status(node: Any, *, started: float, control: dict[str, Any] | None = 
         "pid": os.getpid(),
         "version": __version__,
         "control": control or {},
+        **_forwarding(node),
     }
+
+
+def _forwarding(node: Any) -> dict[str, Any]:
+    """UDP service forwarding counters (additive to schema 1: absent when the node has no forwarder)."""
+    forwarder = getattr(node, "forward_handler", None)
+    return {"forwarding": forwarder.status()} if forwarder is not None else {}
 
 
 def exit_code(status: dict[str, Any] | None) -> int:
@@ -162,7 +169,58 @@ def render(status: dict[str, Any]) -> str:
                   for row in rows]
     else:
         lines.append("no peers configured")
+    lines += render_forwarding(status.get("forwarding") or {})
     return "\n".join(lines)
+
+
+SERVICE_COLUMNS = ["SERVICE", "TARGET", "ALLOW", "FLOWS", "DGRAM-IN/OUT", "BYTES-IN/OUT", "DROPS"]
+FORWARD_COLUMNS = ["FORWARD", "TO", "STATE", "FLOWS", "DGRAM-OUT/IN", "BYTES-OUT/IN", "DROPS"]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
+
+
+def _drops(counters: dict[str, Any], keys: tuple[str, ...]) -> str:
+    parts = [f"{key} {counters[key]}" for key in keys if counters.get(key)]
+    return ", ".join(parts) or "0"
+
+
+def render_forwarding(forwarding: dict[str, Any]) -> list[str]:
+    """The services and forwards tables of the human status (nothing when none are configured)."""
+    lines: list[str] = []
+    services, forwards = forwarding.get("services") or [], forwarding.get("forwards") or []
+    if services:
+        rows = [SERVICE_COLUMNS]
+        for service in services:
+            c = service.get("counters") or {}
+            allow = service.get("allow")
+            rows.append([
+                str(service.get("name")), str(service.get("target")),
+                "*" if allow is None else (",".join(allow) or "nobody"),
+                str(service.get("flows_active", 0)),
+                f"{c.get('datagrams_in', 0)}/{c.get('datagrams_out', 0)}",
+                f"{format_bytes(c.get('bytes_in', 0))}/{format_bytes(c.get('bytes_out', 0))}",
+                _drops(c, ("denied", "flows_refused", "oversize", "dropped")),
+            ])
+        lines += ["", *_table(rows)]
+    if forwards:
+        rows = [FORWARD_COLUMNS]
+        for forward in forwards:
+            c = forward.get("counters") or {}
+            rows.append([
+                str(forward.get("listen")), f"{forward.get('peer')}/{forward.get('service')}",
+                str(forward.get("state")), str(forward.get("flows_active", 0)),
+                f"{c.get('datagrams_out', 0)}/{c.get('datagrams_in', 0)}",
+                f"{format_bytes(c.get('bytes_out', 0))}/{format_bytes(c.get('bytes_in', 0))}",
+                _drops(c, ("refused", "unavailable", "flows_refused", "oversize", "dropped")),
+            ])
+        lines += ["", *_table(rows)]
+    unknown = forwarding.get("unknown_service", 0)
+    if unknown:
+        lines.append(f"forwarded datagrams for services not exposed here: {unknown}")
+    return lines
 
 
 def problem_summary(status: dict[str, Any]) -> str:
