@@ -108,11 +108,7 @@ def build_image(image: str = IMAGE, base: str = BASE_IMAGE, *, force: bool = Fal
         src, ctx = Path(tmp, "src"), Path(tmp, "ctx")
         src.mkdir()
         for name in ("pyproject.toml", "README.md"):
-            if (REPO / name).exists():
-                shutil.copy2(REPO / name, src / name)
-        # pyproject names README.md as the readme: tolerate a checkout that lacks it (the image does
-        # not need its text) rather than fail every container test on it.
-        (src / "README.md").touch()
+            shutil.copy2(REPO / name, src / name)
         for package in ("quicmesh", "pki"):
             shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
         run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
@@ -160,16 +156,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _labels(kind: str, name: str) -> dict[str, str]:
-    fmt = "{{json .Labels}}" if kind == "network" else "{{json .Config.Labels}}"
-    proc = run(["podman", kind, "inspect", "--format", fmt, name], check=False)
+def _network_labels(name: str) -> dict[str, str]:
+    proc = run(["podman", "network", "inspect", "--format", "{{json .Labels}}", name], check=False)
     return (json.loads(proc.stdout) or {}) if proc.returncode == 0 else {}
 
 
 def list_clusters() -> dict[str, dict[str, str]]:
     """Clusters made by this harness that still have a network: name -> labels."""
     proc = run(["podman", "network", "ls", "--filter", f"label={CLUSTER_LABEL}", "--format", "{{.Name}}"])
-    return {name: _labels("network", name) for name in proc.stdout.decode().split()}
+    return {name: _network_labels(name) for name in proc.stdout.decode().split()}
 
 
 def remove_cluster(name: str, workdir: str | None = None) -> None:
@@ -196,11 +191,10 @@ def remove_leftovers(prefix: str) -> list[str]:
 
 def _used_subnets() -> set[ipaddress.IPv4Network]:
     used = set()
-    names = run(["podman", "network", "ls", "--format", "{{.Name}}"]).stdout.decode().split()
-    if names:
-        for net in json.loads(run(["podman", "network", "inspect", *names]).stdout):
-            for subnet in net.get("subnets") or []:
-                used.add(ipaddress.ip_network(subnet["subnet"], strict=False))
+    # One listing (not ls + inspect): another run may remove a network in between.
+    for net in json.loads(run(["podman", "network", "ls", "--format", "json"]).stdout or b"[]"):
+        for subnet in net.get("subnets") or []:
+            used.add(ipaddress.ip_network(subnet["subnet"], strict=False))
     for line in run(["ip", "-4", "route", "show"]).stdout.decode().splitlines():
         dest = line.split()[0]
         if dest != "default":
@@ -371,14 +365,7 @@ class Cluster:
         """Status of several nodes, queried concurrently (each `podman exec` costs ~0.2 s)."""
         nodes = list(nodes or self.members)
         with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
-            return dict(zip(nodes, pool.map(self.status, nodes)))
-
-    def connected(self, node: str) -> set[str] | None:
-        """Names of the peers `node` reports connected (None: daemon unreachable)."""
-        status = self.status(node)
-        if status is None:
-            return None
-        return {p["name"] for p in status.get("peers", []) if p.get("state") == "connected"}
+            return dict(zip(nodes, pool.map(self.status, nodes), strict=True))
 
     def full_mesh(self, nodes: Iterable[str] | None = None) -> bool:
         """Whether each of `nodes` (default all) is connected to every other node of the cluster."""

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse the manifests (test extra)")
-
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 NODE_UID = "10001"
 
 
 def load_all(path: Path) -> list[dict]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the manifests: it belongs in the test extra")
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 

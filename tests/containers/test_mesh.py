@@ -219,49 +219,67 @@ def ms(values: list[float]) -> str:
     return f"p50 {pct(values, 50) * 1000:.1f} ms, p99 {pct(values, 99) * 1000:.1f} ms"
 
 
+class BigSender:
+    """4 MiB messages sent back to back from a thread, so that one is always in flight."""
+
+    SIZE = 4 * 1024 * 1024
+
+    def __init__(self, mesh: harness.Cluster, src: str, dst: str):
+        self.mesh, self.src, self.dst = mesh, src, dst
+        self.durations: list[float] = []
+        self.errors: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            proc = self.mesh.exec(self.src, "quicmesh", "send", self.dst, "--timeout", "120", "-",
+                                  input=b"B" * self.SIZE, timeout=180)
+            if proc.returncode != 0:
+                self.errors.append(proc.stderr)
+                return
+            self.durations.append(time.monotonic() - started)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def busy(self) -> bool:
+        return self._thread.is_alive() and not self.errors
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=180)
+
+
 def test_small_traffic_flows_past_a_large_message_under_loss(mesh_ok: harness.Cluster, measured):
     """Head-of-line: 4 MiB messages crawling through 5 % loss must not hold up small messages or
     datagrams on the same connection (each message has its own stream; datagrams have none)."""
     mesh, src, dst = mesh_ok, "node3", "node4"
-    count, rate, big = 150, 50.0, 4 * 1024 * 1024
+    count, rate = 150, 50.0
     datagrams = mesh.listen(dst, kind="datagram", timeout=240)
     messages = mesh.listen(dst, kind="message", timeout=240)
     results: dict[str, dict[str, Any]] = {}
+
+    def small_traffic(phase: str) -> None:
+        probe = mesh.exec(src, "python3", "-c", PROBE, dst, phase, str(count), str(rate), timeout=180)
+        assert probe.returncode == 0, probe.stderr.decode()
+        tag = f"msg-{phase} ".encode()
+        assert messages.wait_for(lambda items: sum(i["data"].startswith(tag) for _, i in items) >= count, 30)
+        time.sleep(0.5)  # the last datagrams
+        results[phase] = {"acks": json.loads(probe.stdout), "dgram": one_way(datagrams, phase)}
+
+    big = BigSender(mesh, src, dst)
     try:
-        for phase in ("baseline", "loss"):
-            big_sends: list[float] = []
-            big_errors: list[bytes] = []
-            stop = threading.Event()
-
-            def send_big() -> None:  # 4 MiB messages back to back, so one is always in flight
-                while not stop.is_set():
-                    t = time.monotonic()
-                    proc = mesh.exec(src, "quicmesh", "send", dst, "--timeout", "120", "-",
-                                     input=b"B" * big, timeout=180)
-                    if proc.returncode != 0:
-                        big_errors.append(proc.stderr)
-                        return
-                    big_sends.append(time.monotonic() - t)
-
-            worker = threading.Thread(target=send_big, daemon=True)
-            if phase == "loss":
-                mesh.loss(src, 5)
-                worker.start()
-                time.sleep(0.5)
-            probe = mesh.exec(src, "python3", "-c", PROBE, dst, phase, str(count), str(rate), timeout=180)
-            in_flight = worker.is_alive() and not big_errors
-            stop.set()
-            if worker.is_alive():
-                worker.join(timeout=180)
-            mesh.loss(src, 0)
-            assert probe.returncode == 0, probe.stderr.decode()
-            assert not big_errors, big_errors
-            assert messages.wait_for(lambda items: sum(
-                item["data"].startswith(f"msg-{phase} ".encode()) for _, item in items) >= count, timeout=30)
-            time.sleep(0.5)  # the last datagrams
-            results[phase] = {"acks": json.loads(probe.stdout), "dgram": one_way(datagrams, phase),
-                              "big": big_sends, "in_flight": in_flight}
+        small_traffic("baseline")
+        mesh.loss(src, 5)
+        big.start()
+        time.sleep(0.5)
+        small_traffic("loss")
+        in_flight = big.busy()
     finally:
+        big.stop()
         mesh.loss(src, 0)
         datagrams.stop()
         messages.stop()
@@ -269,10 +287,11 @@ def test_small_traffic_flows_past_a_large_message_under_loss(mesh_ok: harness.Cl
     for phase, r in results.items():
         measured.add(f"small message ack latency, {phase}", ms(r["acks"]))
         measured.add(f"datagram one-way latency, {phase}", f"{ms(r['dgram'])}, {len(r['dgram'])}/{count} arrived")
+    measured.add("4 MiB messages meanwhile (5 % loss)", f"{len(big.durations)} done, "
+                 f"{statistics.mean(big.durations):.2f} s each" if big.durations else "none done")
+    assert not big.errors, big.errors
+    assert in_flight, "the large messages stopped before the small traffic ended: nothing was tested"
     loss = results["loss"]
-    measured.add("4 MiB messages meanwhile (5 % loss)",
-                 f"{len(loss['big'])} done, {statistics.mean(loss['big']):.2f} s each" if loss["big"] else "none done")
-    assert loss["in_flight"], "the large messages stopped before the small traffic ended: nothing was tested"
     assert len(loss["dgram"]) >= 0.8 * count
     # Loss costs the small traffic a retransmission now and then (~an RTO), never a 4 MiB transfer.
     assert pct(loss["acks"], 50) < 0.25 and pct(loss["acks"], 99) < 1.5
