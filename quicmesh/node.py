@@ -53,6 +53,7 @@ _DATAGRAM_PACKET_OVERHEAD = 30 + wire.DATAGRAM_OVERHEAD
 #: Datagrams handed to aioquic at once; the rest wait in quicmesh's bounded per-peer queue, so a datagram
 #: backlog cannot starve stream data (aioquic writes every queued datagram before any stream frame).
 _DATAGRAM_BURST = 32
+_APP_DATAGRAM_PREFIX = wire.encode_app_datagram(b"")
 _INBOX_CAPACITY = 8192
 _EVENT_QUEUE_CAPACITY = 1024
 _REASON_LIMIT = 512
@@ -532,10 +533,10 @@ class Node:
             return
         try:
             kind = type(event)
-            if kind is events.StreamDataReceived:
-                self._stream_data(state, event.stream_id, event.data, event.end_stream)
-            elif kind is events.DatagramFrameReceived:
+            if kind is events.DatagramFrameReceived:
                 self._datagram(state, event.data)
+            elif kind is events.StreamDataReceived:
+                self._stream_data(state, event.stream_id, event.data, event.end_stream)
             elif kind is events.HandshakeCompleted:
                 self._handshake_completed(state)
             elif kind is events.StreamReset:
@@ -867,12 +868,15 @@ class Node:
     def _datagram(self, state: _LinkState, data: bytes) -> None:
         if not state.ready or state.peer is None:
             return  # nothing is accepted before the peer's Hello
-        decoded = wire.decode_datagram(data)
-        if decoded[0] != wire.DatagramKind.APP:
-            if self._forward_handler is not None:  # FORWARD / FORWARD_REPLY: quicmesh.forward's business
-                self._forward_handler.forward_datagram(state.peer, *decoded)
-            return
-        payload = decoded[1]
+        if data[:1] == _APP_DATAGRAM_PREFIX:  # the hot path, without the general decoder
+            payload = data[1:]
+        else:
+            decoded = wire.decode_datagram(data)
+            if decoded[0] != wire.DatagramKind.APP:
+                if self._forward_handler is not None:  # FORWARD / FORWARD_REPLY: quicmesh.forward's business
+                    self._forward_handler.forward_datagram(state.peer, *decoded)
+                return
+            payload = decoded[1]
         peer = self._peers[state.peer]
         peer.counters.datagrams_in += 1
         peer.counters.bytes_in += len(payload)

@@ -253,6 +253,8 @@ def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
         },
         "latency_us": latency,
         "latency_kind": latency_kind,
+        "cpu_s": {"receiver": raw["receiver"].get("cpu"),
+                  "senders": sum(s.get("cpu") or 0.0 for s in raw["senders"].values())},
     }
 
 
@@ -282,6 +284,11 @@ def banner(options: BenchOptions) -> str:
             f"separate processes")
 
 
+def count_of(result: dict[str, Any]) -> int:
+    agg = result["aggregate"]
+    return agg["received"] if result["mode"] == "datagram" else agg["sent"]
+
+
 def render_text(result: dict[str, Any]) -> str:
     lines = []
     datagram = result["mode"] == "datagram"
@@ -299,6 +306,10 @@ def render_text(result: dict[str, Any]) -> str:
     if datagram:
         line += f"  loss {agg['loss_pct']:.2f}%"
     lines.append(line)
+    cpu = result["cpu_s"]
+    if cpu["receiver"] is not None and count_of(result):
+        lines.append(f"  cpu: receiver {cpu['receiver']:.2f}s ({cpu['receiver'] / count_of(result) * 1e6:.1f} us/msg), "
+                     f"senders {cpu['senders']:.2f}s ({cpu['senders'] / count_of(result) * 1e6:.1f} us/msg)")
     lat = result["latency_us"]
     if lat:
         lines.append(f"  latency ({result['latency_kind']}, {lat['count']:,} samples): p50 {lat['p50']:,.0f} us"

@@ -320,17 +320,19 @@ async def main(job: dict[str, Any]) -> int:
             if not await commands.wait("go", limit):
                 emit("error", message=f"{job['name']}: no go")
                 return 1
+            cpu0 = _cpu()
             result = await run_sender(impl, job)
-            emit("done", **result)
+            emit("done", cpu=_cpu() - cpu0, **result)
             await commands.wait("stop", limit)
         else:
             progress_task = asyncio.ensure_future(_receiver_progress(receiver))
+            cpu0 = _cpu()
             await commands.wait("stop", limit)
             quiet_until = now() + QUIET_MAX
             while now() < quiet_until and now() - (receiver.last or 0.0) < QUIET:
                 await asyncio.sleep(0.05)
             progress_task.cancel()
-            emit("done", **receiver.report())
+            emit("done", cpu=_cpu() - cpu0, **receiver.report())
     finally:
         try:
             async with asyncio.timeout(5):
@@ -338,6 +340,12 @@ async def main(job: dict[str, Any]) -> int:
         except TimeoutError:
             pass
     return 0
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) this process used so far."""
+    times = os.times()
+    return times.user + times.system
 
 
 async def _receiver_progress(receiver: Receiver) -> None:
@@ -348,7 +356,16 @@ async def _receiver_progress(receiver: Receiver) -> None:
 
 def entry() -> int:
     job = json.loads(sys.argv[1])
+    profile_dir = os.environ.get("QUICMESH_BENCH_PROFILE")  # a folder: write a cProfile dump per process
     try:
+        if profile_dir:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            try:
+                return profiler.runcall(run_on, job["loop"], lambda: main(job))
+            finally:
+                profiler.dump_stats(os.path.join(profile_dir, f"{job['impl']}-{job['mode']}-{job['name']}.prof"))
         return run_on(job["loop"], lambda: main(job))
     except Exception as error:  # noqa: BLE001 - reported to the runner, which shows it
         emit("error", message=f"{job['name']}: {type(error).__name__}: {error}")
