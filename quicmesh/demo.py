@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -179,7 +180,8 @@ class _Demo:
         began = time.monotonic()
         for node in self.nodes:
             self.processes[node.name] = start_node(node)
-        self.say("   " + ", ".join(f"{name} (pid {p.pid})" for name, p in self.processes.items()))
+        pids = ", ".join(f"{name} (pid {p.pid})" for name, p in self.processes.items())
+        self.say(textwrap.fill(pids, width=100, initial_indent="   ", subsequent_indent="   "))
         self.step("3. The mesh forms: every node dials every other; both ends check the peer's certificate")
         deadline = began + START_TIMEOUT
 
