@@ -112,6 +112,22 @@ def test_send_errors_are_one_line(cli, shared_mesh: RunningMesh, args: list[str]
     assert result.stderr.startswith("quicmesh: error: ") and expected in result.stderr
 
 
+def test_send_lines_stops_at_the_first_failure_while_stdin_stays_open(shared_mesh: RunningMesh) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "quicmesh", "send", "--socket", shared_mesh.socket("alpha"),
+                                "--lines", "zeta", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=quicmesh_env())
+    process.stdin.write(b"one\n")
+    process.stdin.flush()
+    try:
+        assert process.wait(timeout=10) == 1
+        assert process.stderr.read().decode().startswith("quicmesh: error: line 1: 'zeta' is not a configured peer")
+    finally:
+        process.kill()
+        process.wait()
+        process.stdin.close()
+        process.stderr.close()
+
+
 def test_listen_times_out_with_exit_1(cli, shared_mesh: RunningMesh) -> None:
     started = time.monotonic()
     result = cli("listen", "--socket", shared_mesh.socket("gamma"), "--count", "1", "--timeout", "0.5")
