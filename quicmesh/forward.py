@@ -26,6 +26,7 @@ the source addresses that sent to its own ``[[forwards]]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -41,7 +42,8 @@ log = logging.getLogger("quicmesh.forward")
 
 _RECV_BATCH = 256  # datagrams read per readiness callback before yielding to the event loop
 _RECV_SIZE = 65536
-_FLOWS_LISTED = 100  # flows shown per service/forward in the status document
+_FLOWS_LISTED = 100
+_LISTEN_BUFFER = 1 << 20  # flows shown per service/forward in the status document
 
 
 class ForwardError(QuicmeshError):
@@ -255,6 +257,8 @@ class Forwarder:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            with contextlib.suppress(OSError):  # room for a burst of clients (capped by net.core.rmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LISTEN_BUFFER)
             sock.bind(sockaddr)
         except BaseException:
             sock.close()
