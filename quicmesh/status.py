@@ -158,15 +158,18 @@ def header(status: dict[str, Any]) -> str:
             f"{format_cert(status['cert_days_left'])}")
 
 
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows aligned in columns two spaces apart; the last column (free text) is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
+
+
 def render(status: dict[str, Any]) -> str:
     """The human status: a header line, then one aligned line per peer."""
     now = status.get("time") or time.time()
-    rows = [COLUMNS] + [peer_row(peer, now) for peer in status["peers"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     lines = [header(status)]
     if status["peers"]:
-        lines += ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]])
-                  for row in rows]
+        lines += _table([COLUMNS] + [peer_row(peer, now) for peer in status["peers"]])
     else:
         lines.append("no peers configured")
     lines += render_forwarding(status.get("forwarding") or {})
@@ -175,11 +178,6 @@ def render(status: dict[str, Any]) -> str:
 
 SERVICE_COLUMNS = ["SERVICE", "TARGET", "ALLOW", "FLOWS", "DGRAM-IN/OUT", "BYTES-IN/OUT", "DROPS"]
 FORWARD_COLUMNS = ["FORWARD", "TO", "STATE", "FLOWS", "DGRAM-OUT/IN", "BYTES-OUT/IN", "DROPS"]
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
 
 
 def _drops(counters: dict[str, Any], keys: tuple[str, ...]) -> str:
