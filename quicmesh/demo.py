@@ -157,8 +157,8 @@ class _Demo:
     async def run(self) -> None:
         self.say(f"quicmesh demo: {len(self.names)} nodes on 127.0.0.1, each its own process, in {self.workdir}")
         self._pki()
-        await self._start()
         try:
+            await self._start()
             await self._traffic()
             await self._status()
         finally:
