@@ -222,6 +222,7 @@ class Cluster:
         self.persistent = persistent  # CLI clusters outlive this process
         self.members: dict[str, Member] = {}
         self.subnet: ipaddress.IPv4Network | None = None
+        self.started_at = self.up_at = 0.0
         self.workdir: Path | None = None
         self._faults: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
         self._removed = False
@@ -265,8 +266,10 @@ class Cluster:
         else:
             for member in self.members.values():
                 member.config_dir.mkdir(parents=True)
+        self.started_at = time.time()  # the first node's start, for convergence timings
         for member in self.members.values():
             self._run_container(member)
+        self.up_at = time.time()  # the last node's start
 
     def down(self) -> None:
         """Remove containers, network and files (idempotent; also runs at exit and on SIGTERM)."""
