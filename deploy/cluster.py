@@ -117,6 +117,8 @@ def build_image(image: str = IMAGE, base: str = BASE_IMAGE, *, force: bool = Fal
         run(["podman", "build", "--quiet", "--format", "docker", "--network", "none",
              "--build-arg", f"BASE_IMAGE={base}", "--label", f"{HASH_LABEL}={wanted}",
              "--tag", image, str(ctx)], timeout=300)
+    # Images of older sources lost their tag to this one: drop those no container uses (~50 MB each).
+    run(["podman", "image", "prune", "--force", "--filter", f"label={HASH_LABEL}"], check=False)
     log(f"built {image} ({wanted}) in {time.monotonic() - started:.1f}s")
     return True
 
