@@ -128,10 +128,14 @@ class _Worker:
 
 
 async def _spawn(name: str, job: dict[str, Any], stderr: TextIO) -> _Worker:
+    return await _spawn_generic(name, ["-m", "quicmesh.bench.worker", json.dumps(job)], stderr)
+
+
+async def _spawn_generic(name: str, args: list[str], stderr: TextIO) -> _Worker:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quicmesh.bench.worker", json.dumps(job),
+        sys.executable, *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
     )
     return _Worker(name, process, stderr)

@@ -1,0 +1,174 @@
+"""An N-node full mesh on 127.0.0.x, one process per node: time to converge, memory per connection, idle CPU.
+
+``python -m quicmesh.bench.meshscale 8 16 32`` (also ``compare --mesh 8,16,32``). Each node process loads
+its config and credentials, then waits; all are told to start at once, and convergence is the time from
+that moment until every node has every peer connected. Memory per connection is each node's resident-set
+growth from started to converged, divided by its N-1 connections; idle CPU is what all the processes used
+over a quiet interval once converged (keepalives only), in percent of one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import emit, resolve_loop, run_on
+from .runner import _spawn_generic
+
+CONVERGE_TIMEOUT = float(os.environ.get("QUICMESH_MESHSCALE_TIMEOUT", "60"))
+IDLE_SETTLE = 2.0
+IDLE_MEASURE = 5.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * _PAGE
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+async def _node_main(config_path: str, host: str) -> int:
+    from quicmesh.config import load_config
+    from quicmesh.node import Node
+
+    config = load_config(config_path)
+    # Bind the node's own 127.0.0.x, not bootstrap's 0.0.0.0: from a wildcard socket the kernel answers a
+    # peer that dialed 127.0.0.x from 127.0.0.1, and aioquic's client ignores a handshake from another address.
+    config = dataclasses.replace(config, node=dataclasses.replace(
+        config.node, listen=dataclasses.replace(config.node.listen, host=host)))
+    node = Node(config)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    emit("loaded", rss=_rss())
+    async with asyncio.timeout(CONVERGE_TIMEOUT):
+        await reader.readline()  # "go"
+    rss_before = _rss()
+    await node.start()
+    try:
+        await node.wait_connected(timeout=CONVERGE_TIMEOUT)
+        emit("converged", at=time.monotonic(), rss_before=rss_before, rss=_rss(),
+             connections=len(node.connected_peers()))
+        async with asyncio.timeout(CONVERGE_TIMEOUT + IDLE_SETTLE + IDLE_MEASURE + 30):
+            await reader.readline()  # "stop" (or EOF)
+        emit("final", rss=_rss(), connections=len(node.connected_peers()))
+    finally:
+        await node.stop()
+    return 0
+
+
+def run_mesh(count: int, *, loop: str = "auto", log: Any = None) -> dict[str, Any]:
+    """Start ``count`` nodes, one process each, and measure; returns the figures."""
+    from pki.bootstrap import bootstrap, parse_node_spec
+
+    if not 2 <= count <= 200:
+        raise ValueError("mesh size must be between 2 and 200")
+    loop = resolve_loop(loop)
+    with tempfile.TemporaryDirectory(prefix="quicmesh-meshscale-") as tmp:
+        specs = []
+        for index in range(count):
+            host = f"127.0.0.{10 + index}"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+            specs.append(parse_node_spec(f"n{index}={host}:{port}"))
+        bootstrap(Path(tmp), "scale", specs)
+        configs = [(str(Path(tmp) / spec.name / "node.toml"), spec.host) for spec in specs]
+        result = asyncio.run(_measure(configs, loop, Path(tmp)))
+    result["nodes"] = count
+    result["loop"] = loop
+    if log:
+        log(f"  mesh of {count}: converged in {result['converge_s']:.2f}s, "
+            f"{result['kib_per_connection']:.0f} KiB/connection, idle CPU {result['idle_cpu_pct']:.1f}% of one core")
+    return result
+
+
+async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path) -> dict[str, Any]:
+    workers = []
+    try:
+        for index, (config, host) in enumerate(configs):
+            args = ["-m", "quicmesh.bench.meshscale", "--node", config, "--host", host, "--loop", loop]
+            workers.append(await _spawn_generic(f"n{index}", args, open(tmp / f"n{index}.stderr", "w+")))
+        await asyncio.gather(*(w.expect("loaded", CONVERGE_TIMEOUT) for w in workers))
+        go = time.monotonic()
+        for worker in workers:
+            worker.say("go")
+        converged = await asyncio.gather(*(w.expect("converged", CONVERGE_TIMEOUT + 5) for w in workers))
+        converge_s = max(event["at"] for event in converged) - go
+        await asyncio.sleep(IDLE_SETTLE)
+        pids = [w.process.pid for w in workers]
+        cpu0 = sum(_cpu_of(pid) for pid in pids)
+        t0 = time.monotonic()
+        await asyncio.sleep(IDLE_MEASURE)
+        cpu = sum(_cpu_of(pid) for pid in pids) - cpu0
+        idle_pct = 100.0 * cpu / (time.monotonic() - t0)
+        for worker in workers:
+            worker.say("stop")
+        final = await asyncio.gather(*(w.expect("final", 15) for w in workers))
+        growth = [(event["rss"] - event["rss_before"]) / max(1, event["connections"]) for event in converged]
+        return {
+            "converge_s": converge_s,
+            "kib_per_connection": sum(growth) / len(growth) / 1024,
+            "max_kib_per_connection": max(growth) / 1024,
+            "rss_mib_per_node": sum(e["rss"] for e in final) / len(final) / 2**20,
+            "idle_cpu_pct": idle_pct,
+            "idle_cpu_pct_per_node": idle_pct / len(workers),
+            "still_connected": all(e["connections"] == len(configs) - 1 for e in final),
+        }
+    finally:
+        for worker in workers:
+            worker.say("stop")
+        await asyncio.gather(*(w.finish() for w in workers), return_exceptions=True)
+        for worker in workers:
+            worker.stderr.close()
+
+
+def render_mesh(results: list[dict[str, Any]]) -> str:
+    lines = ["| full mesh (one process per node, 127.0.0.x) | converge | memory per connection | idle CPU (all nodes) "
+             "| idle CPU per node | still all connected |", "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r['nodes']} nodes, {r['nodes'] * (r['nodes'] - 1) // 2} connections ({r['loop']}) | "
+                     f"{r['converge_s']:.2f} s | {r['kib_per_connection']:.0f} KiB (max {r['max_kib_per_connection']:.0f}) | "
+                     f"{r['idle_cpu_pct']:.1f}% of a core | {r['idle_cpu_pct_per_node']:.2f}% | "
+                     f"{'yes' if r['still_connected'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m quicmesh.bench.meshscale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sizes", nargs="*", type=int, default=[8, 16, 32])
+    parser.add_argument("--loop", default="auto")
+    parser.add_argument("--node", help=argparse.SUPPRESS)
+    parser.add_argument("--host", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.node:
+        return run_on(args.loop, lambda: _node_main(args.node, args.host))
+    results = [run_mesh(n, loop=args.loop, log=lambda line: print(line, file=sys.stderr, flush=True))
+               for n in args.sizes]
+    print(json.dumps(results, indent=2) if args.json else render_mesh(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
