@@ -319,3 +319,31 @@ async def test_reload_adds_and_removes_services_and_forwards(tmp_path: Path, ech
         finally:
             await fa.stop()
             await fb.stop()
+
+
+async def test_a_restarted_forwarding_peer_gets_fresh_flows(tmp_path: Path, echo_port: int) -> None:
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    configs["beta"] = with_forwarding(configs["beta"], services=[ServiceConfig("echo", Address("127.0.0.1", echo_port))])
+    configs["alpha"] = with_forwarding(configs["alpha"], forwards=[ForwardConfig(ANY, "beta", "echo")])
+    async with Node(configs["beta"]) as beta:
+        fb = Forwarder(beta)
+        await fb.start()
+        try:
+            for generation in range(2):  # alpha's process restarts: a new epoch, flow ids from 0 again
+                async with Node(configs["alpha"]) as alpha:
+                    fa = Forwarder(alpha)
+                    await fa.start()
+                    try:
+                        await alpha.wait_connected(timeout=10)
+                        await until(lambda: forward_status(fa)["state"] == "ready")
+                        client = Client(fa.forward_address())
+                        assert await client.round_trip(b"gen %d" % generation) == b"gen %d" % generation
+                        client.close()
+                        await until(lambda: service_status(fb, "echo")["flows_active"] == 1)
+                    finally:
+                        await fa.stop()
+            assert service_status(fb, "echo")["counters"]["flows_opened"] == 2  # the old flow was not reused
+            assert fb.open_sockets() == 1
+        finally:
+            await fb.stop()
+        assert fb.open_sockets() == 0

@@ -111,3 +111,14 @@ def test_daemons_forward_udp_from_config_only_and_reload(cli, local_mesh, echo_p
     finally:
         codes = mesh.stop(timeout=5)
     assert codes == [0, 0, 0], [mesh.log(name) for name in mesh.processes]
+
+
+def test_a_forward_port_in_use_stops_the_daemon_with_a_clear_error(cli, local_mesh) -> None:
+    nodes = {node.name: node for node in local_mesh}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        nodes["alpha"].config.write_text(nodes["alpha"].config.read_text() + forward_section(port))
+        result = cli("run", "-c", str(nodes["alpha"].config), timeout=20)
+    assert result.returncode == 1
+    assert f"forward 127.0.0.1:{port} -> beta/echo: cannot listen: Address already in use" in result.stderr
