@@ -204,6 +204,9 @@ class Forwarder:
                     if not service.allows(flow.peer):
                         self._close_service_flow(flow)
         for name, service_config in wanted.items():
+            if name not in self._service_ids and len(self._service_ids) >= wire.MAX_SERVICE_ID:
+                errors.append(f"service {name}: too many service names since this node started; restart it")
+                continue
             service_id = self._service_ids.setdefault(name, len(self._service_ids) + 1)
             if service_id in self._services:
                 continue
