@@ -347,3 +347,30 @@ async def test_a_restarted_forwarding_peer_gets_fresh_flows(tmp_path: Path, echo
         finally:
             await fb.stop()
         assert fb.open_sockets() == 0
+
+
+async def test_the_exposing_side_limits_flows_per_peer_too(tmp_path: Path, echo_port: int) -> None:
+    """A hostile or buggy peer naming ever new flow ids cannot make beta open more sockets than the limit."""
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    configs["beta"] = with_limits(
+        with_forwarding(configs["beta"], services=[ServiceConfig("echo", Address("127.0.0.1", echo_port))]),
+        max_flows_per_peer=2)
+    async with Node(configs["alpha"]) as alpha, Node(configs["beta"]) as beta:
+        fb = Forwarder(beta)
+        await fb.start()
+        try:
+            await alpha.wait_connected(timeout=10)
+            await beta.wait_connected(timeout=10)
+            echo_id = service_status(fb, "echo")["id"]
+
+            def first_flow_open() -> bool:  # until the connection has settled (a duplicate may be closing)
+                alpha.send_forward_datagram("beta", echo_id, 0, b"x")
+                return service_status(fb, "echo")["flows_active"] == 1
+
+            await until(first_flow_open, interval=0.1)
+            for flow_id in range(1, 5):
+                assert alpha.send_forward_datagram("beta", echo_id, flow_id, b"x") is None
+            await until(lambda: service_status(fb, "echo")["counters"]["flows_refused"] == 3)
+            assert fb.open_sockets() == 2 and service_status(fb, "echo")["counters"]["flows_opened"] == 2
+        finally:
+            await fb.stop()
