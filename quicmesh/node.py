@@ -54,6 +54,8 @@ _DATAGRAM_PACKET_OVERHEAD = 30 + wire.DATAGRAM_OVERHEAD
 #: backlog cannot starve stream data (aioquic writes every queued datagram before any stream frame).
 _DATAGRAM_BURST = 32
 _APP_DATAGRAM_PREFIX = wire.encode_app_datagram(b"")
+#: Mesh timer deadlines are rounded up to this (seconds), so N peers' keepalives cost fewer, batched ticks.
+_MESH_TICK_SLOT = 0.05
 _INBOX_CAPACITY = 8192
 _EVENT_QUEUE_CAPACITY = 1024
 _REASON_LIMIT = 512
@@ -440,6 +442,8 @@ class Node:
         if self._state != "running" or self._mesh is None:
             return
         deadline = self._mesh.next_deadline()
+        if deadline is not None:  # coalesce: one tick serves every peer whose deadline falls in the same slot
+            deadline = -(-deadline // _MESH_TICK_SLOT) * _MESH_TICK_SLOT
         if self._mesh_timer is not None:
             if deadline is not None and abs(self._mesh_timer.when() - deadline) < 1e-4:
                 return

@@ -74,7 +74,8 @@ async def _node_main(config_path: str, host: str) -> int:
     return 0
 
 
-def run_mesh(count: int, *, loop: str = "auto", log: Any = None) -> dict[str, Any]:
+def run_mesh(count: int, *, loop: str = "auto", log: Any = None, idle_settle: float = IDLE_SETTLE,
+             idle_measure: float = IDLE_MEASURE) -> dict[str, Any]:
     """Start ``count`` nodes, one process each, and measure; returns the figures."""
     from pki.bootstrap import bootstrap, parse_node_spec
 
@@ -91,7 +92,7 @@ def run_mesh(count: int, *, loop: str = "auto", log: Any = None) -> dict[str, An
             specs.append(parse_node_spec(f"n{index}={host}:{port}"))
         bootstrap(Path(tmp), "scale", specs)
         configs = [(str(Path(tmp) / spec.name / "node.toml"), spec.host) for spec in specs]
-        result = asyncio.run(_measure(configs, loop, Path(tmp)))
+        result = asyncio.run(_measure(configs, loop, Path(tmp), idle_settle, idle_measure))
     result["nodes"] = count
     result["loop"] = loop
     if log:
@@ -100,7 +101,8 @@ def run_mesh(count: int, *, loop: str = "auto", log: Any = None) -> dict[str, An
     return result
 
 
-async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path) -> dict[str, Any]:
+async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_settle: float,
+                   idle_measure: float) -> dict[str, Any]:
     workers = []
     try:
         for index, (config, host) in enumerate(configs):
@@ -112,11 +114,11 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path) -> dict
             worker.say("go")
         converged = await asyncio.gather(*(w.expect("converged", CONVERGE_TIMEOUT + 5) for w in workers))
         converge_s = max(event["at"] for event in converged) - go
-        await asyncio.sleep(IDLE_SETTLE)
+        await asyncio.sleep(idle_settle)
         pids = [w.process.pid for w in workers]
         cpu0 = sum(_cpu_of(pid) for pid in pids)
         t0 = time.monotonic()
-        await asyncio.sleep(IDLE_MEASURE)
+        await asyncio.sleep(idle_measure)
         cpu = sum(_cpu_of(pid) for pid in pids) - cpu0
         idle_pct = 100.0 * cpu / (time.monotonic() - t0)
         for worker in workers:
