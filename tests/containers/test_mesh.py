@@ -78,6 +78,10 @@ def down_and_back(mesh: harness.Cluster, measured: harness.Measurements, victim:
             bound, target = (1.0, "a graceful stop closes its connections") if graceful else \
                 (DETECT_BOUND, f"dead_after is {DEAD_AFTER:g} s")
             check(measured, f"{what}: peers see it down", elapsed(gone, t0), bound, target)
+            # Before timing the rejoin, let any phantom link to the stopped node time out (see
+            # test_graceful_stop_leaves_no_phantom_link): it would make the rejoin look instant.
+            for watch in watches.values():
+                watch.wait(lambda peers: victim not in peers, timeout=DEAD_AFTER + 2, since=time.time())
             for node in others:  # the rest of the mesh is undisturbed
                 assert watches[node].connected == set(others) - {node}
         finally:
@@ -108,6 +112,28 @@ def test_kill_9_detected_and_restart_rejoins(mesh_ok: harness.Cluster, measured)
 def test_graceful_stop_and_start(mesh_ok: harness.Cluster, measured):
     down_and_back(mesh_ok, measured, "node3", "SIGTERM, start", lambda: mesh_ok.stop("node3"),
                   lambda: mesh_ok.start("node3"), graceful=True)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "quicmesh: a node in graceful shutdown still completes handshakes from peers that redial at once, "
+    "then exits without closing them: the peers show it 'connected' until dead_after"))
+def test_graceful_stop_leaves_no_phantom_link(mesh_ok: harness.Cluster, measured):
+    """After `podman stop` returned (the daemon exited on SIGTERM), no peer may call it connected."""
+    mesh, victim, rounds = mesh_ok, "node2", 3
+    others = [n for n in mesh.names() if n != victim]
+    phantoms: list[str] = []
+    for _ in range(rounds):
+        with watching(mesh, others) as watches:
+            mesh.stop(victim)
+            time.sleep(0.5)
+            phantoms += [node for node, watch in watches.items() if victim in (watch.connected or ())]
+            for watch in watches.values():  # bounded: the phantom dies of dead_after
+                watch.wait(lambda peers: victim not in peers, timeout=DEAD_AFTER + 2, since=time.time())
+        mesh.start(victim)
+        harness.wait_until(mesh.full_mesh, timeout=30, interval=0.2, what="full mesh after start")
+    measured.add("SIGTERM: peers still 'connected' 0.5 s after exit",
+                 f"{len(phantoms)} of {rounds * len(others)} observations")
+    assert not phantoms, f"phantom links to the stopped {victim} seen by {phantoms}"
 
 
 def test_pause_detected_and_unpause_rejoins(mesh_ok: harness.Cluster, measured):
