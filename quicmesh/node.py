@@ -769,28 +769,34 @@ class Node:
     # --- datagrams -------------------------------------------------------------------------------
     def send_datagram(self, peer: str, data: bytes) -> None:
         """Send an unreliable datagram to a connected peer (dropped and counted if its queue is full)."""
-        target = self._peer_or_raise(peer)
+        # The hot path of a datagram flood: few calls, no helper per check (measured with quicmesh bench).
+        target = self._peers.get(peer) or self._peer_or_raise(peer)
         state = target.link
         if state is None or not state.usable:
             raise PeerNotConnectedError(f"peer {peer} is not connected")
-        limit = self._datagram_limit(state)
-        if len(data) > limit:
+        size = len(data)
+        limit = self._config.limits.max_datagram_size - _DATAGRAM_PACKET_OVERHEAD
+        hello = state.hello
+        if hello is not None and hello.max_datagram_payload < limit:
+            limit = hello.max_datagram_payload
+        if size > limit:
             raise DatagramTooLargeError(
-                f"datagram of {len(data)} bytes exceeds max_datagram_payload ({limit} bytes)"
+                f"datagram of {size} bytes exceeds max_datagram_payload ({limit} bytes)"
             )
-        frame = wire.encode_app_datagram(data)
+        frame = _APP_DATAGRAM_PREFIX + data
         counters = target.counters
         queue = target.datagram_queue
-        if not queue and state.quic.pending_datagrams() < _DATAGRAM_BURST:
-            state.quic.send_datagram_frame(frame)
+        quic = state.quic
+        if not queue and quic.pending_datagrams() < _DATAGRAM_BURST:
+            quic.send_datagram_frame(frame)
             counters.datagrams_out += 1
         elif len(queue) < self._config.limits.datagram_queue:
             queue.append(frame)
         else:
             counters.datagrams_dropped += 1
             return
-        counters.bytes_out += len(data)
-        self._touch(state)
+        counters.bytes_out += size
+        self._endpoint.touch(state.link)  # type: ignore[union-attr]  # running: the endpoint exists
 
     def datagram_backlog(self, peer: str) -> int:
         """Datagrams for ``peer`` not yet on the wire (local queue + QUIC's): lets a sender pace itself."""
