@@ -171,5 +171,14 @@ class Daemon:
 
 
 def run(config_path: str | os.PathLike[str], config: Config, **log_override: str | None) -> int:
-    """Run the daemon in a new event loop (what `quicmesh run` does)."""
-    return asyncio.run(Daemon(config_path, config, **log_override).run())
+    """Run the daemon in a new event loop (what `quicmesh run` does): uvloop when installed (the `fast`
+    extra; measured faster, see docs/PERFORMANCE.md) unless QUICMESH_LOOP=asyncio, else asyncio's own."""
+    main = Daemon(config_path, config, **log_override).run()
+    if os.environ.get("QUICMESH_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

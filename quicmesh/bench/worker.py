@@ -248,7 +248,7 @@ async def run_sender(impl: Any, job: dict[str, Any]) -> dict[str, Any]:
                 progress.count = sent
                 await sleep(0)
         elif mode in ("message", "bulk"):
-            window = MESSAGE_WINDOW if mode == "message" else BULK_WINDOW
+            window = MESSAGE_WINDOW if mode == "message" else int(os.environ.get("QUICMESH_BENCH_BULK_WINDOW", BULK_WINDOW))
             next_seq = 0
 
             async def worker() -> None:
