@@ -23,6 +23,8 @@ DATAGRAM_BURST = 64
 #: Reliable messages in flight per sender (quicmesh's default message_window), and bulk chunks.
 MESSAGE_WINDOW = 64
 BULK_WINDOW = 8
+#: bare aioquic queues every chunk on one stream, whose send buffer slows down past ~2 MiB: 2 is its best
+BARE_BULK_WINDOW = 2
 #: After ``stop``, a datagram receiver waits for stragglers until this quiet, at most QUIET_MAX.
 QUIET = 0.3
 QUIET_MAX = 3.0
@@ -248,7 +250,8 @@ async def run_sender(impl: Any, job: dict[str, Any]) -> dict[str, Any]:
                 progress.count = sent
                 await sleep(0)
         elif mode in ("message", "bulk"):
-            window = MESSAGE_WINDOW if mode == "message" else int(os.environ.get("QUICMESH_BENCH_BULK_WINDOW", BULK_WINDOW))
+            window = MESSAGE_WINDOW if mode == "message" else int(os.environ.get(
+                "QUICMESH_BENCH_BULK_WINDOW", BARE_BULK_WINDOW if job["impl"] == "bare" else BULK_WINDOW))
             next_seq = 0
 
             async def worker() -> None:
