@@ -527,7 +527,10 @@ class Node:
     # --- LinkHandler: what the endpoint tells us -------------------------------------------------
     def link_accepted(self, link: Link) -> None:
         assert self._mesh is not None
-        self._links[link.conn_id] = _LinkState(link)
+        state = self._links[link.conn_id] = _LinkState(link)
+        if self._state != "running":
+            self._close_link(state, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
+            return
         self._mesh.inbound_started(link.conn_id, self._now())
         self._reschedule_mesh()
 
@@ -600,6 +603,9 @@ class Node:
 
     # --- handshake and control stream ------------------------------------------------------------
     def _handshake_completed(self, state: _LinkState) -> None:
+        if self._state != "running":  # a peer redialed while we stop: no Hello, or it would think us up
+            self._close_link(state, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
+            return
         verified = state.quic.verified_peer
         if verified is None:  # cannot happen: the TLS hook raises instead of returning nothing
             self._close_link(state, wire.ErrorCode.IDENTITY_REJECTED, "peer identity not verified")

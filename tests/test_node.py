@@ -271,3 +271,14 @@ async def test_restarted_peer_replaces_stale_connection_at_once(tmp_path: Path) 
     finally:
         beta.kill()
         beta.wait(5)
+
+
+async def test_stopped_node_leaves_no_phantom_connection(mesh3: dict[str, Node]) -> None:
+    """Peers redial at once after the GoAway; a stopping node must not complete those handshakes."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await mesh3["gamma"].stop()
+    assert loop.time() - started < 0.9, "stop must not wait out its whole grace period"
+    await asyncio.sleep(0.5)
+    for name in ("alpha", "beta"):
+        assert "gamma" not in mesh3[name].connected_peers()

@@ -114,9 +114,6 @@ def test_graceful_stop_and_start(mesh_ok: harness.Cluster, measured):
                   lambda: mesh_ok.start("node3"), graceful=True)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "quicmesh: a node in graceful shutdown still completes handshakes from peers that redial at once, "
-    "then exits without closing them: the peers show it 'connected' until dead_after"))
 def test_graceful_stop_leaves_no_phantom_link(mesh_ok: harness.Cluster, measured):
     """After `podman stop` returned (the daemon exited on SIGTERM), no peer may call it connected."""
     mesh, victim, rounds = mesh_ok, "node2", 3
