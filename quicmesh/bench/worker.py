@@ -29,6 +29,7 @@ BARE_BULK_WINDOW = 2
 QUIET = 0.3
 QUIET_MAX = 3.0
 CONNECT_TIMEOUT = 30.0
+SETTLE = 0.5
 PROGRESS_EVERY = 1.0
 
 
@@ -141,6 +142,9 @@ class QuicmeshImpl:
 
             self.node.set_request_handler(echo)
             self._pump = asyncio.ensure_future(self._receive())
+        await self.node.wait_connected(timeout=CONNECT_TIMEOUT)
+        # Both ends dial: let the mesh settle which duplicate connection it keeps before traffic starts.
+        await asyncio.sleep(SETTLE)
         await self.node.wait_connected(timeout=CONNECT_TIMEOUT)
 
     async def _receive(self) -> None:
