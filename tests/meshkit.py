@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 from pathlib import Path
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
@@ -52,3 +56,16 @@ def with_timers(config: Config, **timers: float) -> Config:
 
 def with_limits(config: Config, **limits: int) -> Config:
     return dataclasses.replace(config, limits=dataclasses.replace(config.limits, **limits))
+
+
+class TerminationWatch(QuicConnectionProtocol):
+    """A plain aioquic client protocol that records how its connection ended (``terminated``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.terminated: asyncio.Future[ConnectionTerminated] = asyncio.get_running_loop().create_future()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ConnectionTerminated) and not self.terminated.done():
+            self.terminated.set_result(event)
+        super().quic_event_received(event)

@@ -12,25 +12,15 @@ import socket
 import ssl
 from pathlib import Path
 
-from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent
+from aioquic.quic.events import ConnectionTerminated
 
+from meshkit import TerminationWatch
 from quicmesh import Node
 from quicmesh.wire import ALPN, ErrorCode, StreamType, encode_stream_type, encode_varint
 
 from test_node import mesh3  # noqa: F401  (fixture)
-
-
-class _Watch(QuicConnectionProtocol):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.terminated: asyncio.Future[ConnectionTerminated] = asyncio.get_running_loop().create_future()
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, ConnectionTerminated) and not self.terminated.done():
-            self.terminated.set_result(event)
-        super().quic_event_received(event)
 
 
 async def _still_serving(a: Node, b: Node) -> None:
@@ -73,7 +63,7 @@ async def _violate(node: Node, cert_dir: Path, payload: bytes, *, unidirectional
     assert node.listen_address is not None
     async with asyncio.timeout(10):
         async with connect("127.0.0.1", node.listen_address[1], configuration=configuration,
-                           create_protocol=_Watch) as protocol:
+                           create_protocol=TerminationWatch) as protocol:
             _, writer = await protocol.create_stream(is_unidirectional=unidirectional)
             writer.write(payload)
             writer.write_eof()

@@ -11,26 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
-from meshkit import make_mesh
+from meshkit import TerminationWatch, make_mesh
 from pki.authority import CertificateAuthority, issue_node_cert
 from quicmesh import Node
 from quicmesh.config import Config
 from quicmesh.wire import ALPN
-
-
-class _Watch(QuicConnectionProtocol):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.terminated: asyncio.Future[ConnectionTerminated] = asyncio.get_running_loop().create_future()
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, ConnectionTerminated) and not self.terminated.done():
-            self.terminated.set_result(event)
-        super().quic_event_received(event)
 
 
 async def raw_client_refused(node: Node, ca_path: Path, cert_dir: Path | None) -> str:
@@ -44,7 +32,7 @@ async def raw_client_refused(node: Node, ca_path: Path, cert_dir: Path | None) -
     async with asyncio.timeout(5):
         try:
             async with connect("127.0.0.1", node.listen_address[1], configuration=configuration,
-                               create_protocol=_Watch, wait_connected=True) as protocol:
+                               create_protocol=TerminationWatch, wait_connected=True) as protocol:
                 event = await protocol.terminated
                 return event.reason_phrase
         except ConnectionError as error:
