@@ -282,3 +282,45 @@ async def test_stopped_node_leaves_no_phantom_connection(mesh3: dict[str, Node])
     await asyncio.sleep(0.5)
     for name in ("alpha", "beta"):
         assert "gamma" not in mesh3[name].connected_peers()
+
+
+async def test_datagram_flood_does_not_starve_messages(mesh3: dict[str, Node]) -> None:
+    """aioquic writes queued datagrams before stream data; quicmesh feeds it datagrams in small bursts."""
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    payload = b"d" * 1000
+    stop = asyncio.Event()
+
+    async def flood() -> int:
+        sent = 0
+        for _ in range(2000):  # bounded: at most 2000 rounds of 200 datagrams
+            if stop.is_set():
+                break
+            for _ in range(200):
+                alpha.send_datagram("beta", payload)
+                sent += 1
+            await asyncio.sleep(0)
+        return sent
+
+    flooder = asyncio.ensure_future(flood())
+    await asyncio.sleep(0.2)
+    try:
+        # Liveness, not speed: without the burst cap these acks wait behind the whole backlog.
+        await asyncio.wait_for(asyncio.gather(*(alpha.send("beta", b"m%d" % i) for i in range(100))), 10)
+    finally:
+        stop.set()
+    sent = await flooder
+    counters = {peer.name: peer for peer in alpha.peers()}["beta"].counters
+    assert counters["datagrams_dropped"] > 0, "the flood must have overrun the bounded queue"
+    assert counters["datagrams_out"] + counters["datagrams_dropped"] == sent
+    messages = [item for item in await drain_kind(beta, "message", 100)]
+    assert sorted(item.data for item in messages) == sorted(b"m%d" % i for i in range(100))
+
+
+async def drain_kind(node: Node, kind: str, count: int, timeout: float = 10.0) -> list:
+    items = []
+    async with asyncio.timeout(timeout):
+        while len(items) < count:
+            item = await node.recv()
+            if item.kind == kind:
+                items.append(item)
+    return items
