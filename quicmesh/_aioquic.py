@@ -125,6 +125,11 @@ class MeshQuicConnection(QuicConnection):
         loss = self._loss
         return loss._rtt_smoothed if loss._rtt_initialized else None
 
+    @property
+    def handshake_complete(self) -> bool:
+        """Whether the TLS handshake has completed (for a server: the client proved its identity)."""
+        return bool(self._handshake_complete)
+
     def pending_datagrams(self) -> int:
         """How many DATAGRAM frames wait in aioquic's (unbounded) queue."""
         return len(self._datagrams_pending)
@@ -140,7 +145,7 @@ def check_internals() -> list[str]:
         if not hasattr(tls.Context(is_client=False), name)
     ]
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending"):
+    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending", "_handshake_complete"):
         if not hasattr(connection, name):
             missing.append(f"aioquic QuicConnection.{name}")
     loss = getattr(connection, "_loss", None)

@@ -34,6 +34,8 @@ __all__ = [
     "Timers",
     "ControlSection",
     "LogSection",
+    "SecuritySection",
+    "MetricsSection",
     "ServiceConfig",
     "ForwardConfig",
     "Config",
@@ -130,6 +132,25 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    """Strangers (quicmesh/guard.py): source allowlist, handshake rate limits, pending cap, QUIC Retry."""
+
+    allowlist: tuple[str, ...] | None = None  # CIDRs; None (key left out): no allowlist unless allowlist_peers
+    allowlist_peers: bool = False  # also allow the configured peers' (resolved) addresses
+    retry: bool = False  # QUIC Retry address validation (+1 round trip per handshake)
+    handshake_rate_per_source: float = 20.0  # new handshakes per second from one IP address (0: no limit)
+    handshake_burst_per_source: int = 50
+    handshake_rate: float = 200.0  # new handshakes per second, node-wide (0: no limit)
+    handshake_burst: int = 400
+    max_pending_handshakes: int = 256  # handshakes in progress at once (0: no limit)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Address | None = None  # Prometheus text endpoint, e.g. "127.0.0.1:9464"; None: off
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
 
@@ -158,6 +179,8 @@ class Config:
     timers: Timers
     control: ControlSection
     log: LogSection
+    security: SecuritySection = SecuritySection()
+    metrics: MetricsSection = MetricsSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key
@@ -495,6 +518,46 @@ _CONTROL = _Table(ControlSection, (_Field("socket", _socket),))  # default needs
 _LOG = _Table(LogSection, (_Field("level", _choice(*LOG_LEVELS)), _Field("format", _choice(*LOG_FORMATS))))
 
 
+def _boolean(value: Any, _: _Parser) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, got {_show(value)}")
+
+
+def _rate(value: Any, _: _Parser) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1_000_000:
+        raise ValueError(f"must be a number per second between 0 (no limit) and 1000000, got {_show(value)}")
+    return float(value)
+
+
+def _cidrs(value: Any, _: _Parser) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f'must be an array of CIDRs, e.g. ["10.0.0.0/8", "2001:db8::/32"], got {_show(value)}')
+    networks, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=False)) if isinstance(item, str)
+                            else ipaddress.ip_network(""))
+        except ValueError:
+            problems.append((f"[{i}]", f"must be an IP address or CIDR network such as \"10.0.0.0/8\", got {_show(item)}"))
+    if problems:
+        raise _ItemErrors(problems)
+    return tuple(networks)
+
+
+_SECURITY = _Table(SecuritySection, (
+    _Field("allowlist", _cidrs),
+    _Field("allowlist_peers", _boolean),
+    _Field("retry", _boolean),
+    _Field("handshake_rate_per_source", _rate),
+    _Field("handshake_burst_per_source", _integer(1, 1_000_000)),
+    _Field("handshake_rate", _rate),
+    _Field("handshake_burst", _integer(1, 1_000_000)),
+    _Field("max_pending_handshakes", _integer(0, 1_000_000)),
+))
+_METRICS = _Table(MetricsSection, (_Field("listen", _address(allow_port_zero=True)),))
+
+
 def _peer_names(value: Any, parser: _Parser) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f'must be an array of peer names, e.g. ["beta"], got {_show(value)}')
@@ -527,7 +590,8 @@ _FORWARD = _Table(ForwardConfig, (
 # Config's sections, in file order; "peers", "services" and "forwards" are arrays of tables.
 _SECTIONS: dict[str, _Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
-    "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "services": _SERVICE, "forwards": _FORWARD,
+    "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
+    "services": _SERVICE, "forwards": _FORWARD,
 }
 _ARRAYS = ("peers", "services", "forwards")
 _REQUIRED_SECTIONS = ("node", "tls")

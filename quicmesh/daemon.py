@@ -22,12 +22,14 @@ from .control import ControlServer, socket_path
 from .errors import ConfigError, QuicmeshError
 from .forward import Forwarder
 from .logs import fields
+from .metrics import MetricsServer, cert_warnings
 from .node import Node
 from .status import format_address
 
 log = logging.getLogger("quicmesh.daemon")
 
 STOP_TIMEOUT = 4.0  # a graceful stop that takes longer than this is abandoned (exit 1)
+CERT_CHECK_INTERVAL = 12 * 3600.0  # seconds between certificate-expiry checks (warnings in the log)
 
 
 def notify(*assignments: str) -> bool:
@@ -59,6 +61,7 @@ class Daemon:
         self.forwarder = Forwarder(self.node)  # UDP service forwarding: [[services]], [[forwards]]
         self.control = ControlServer(self.node, socket_path(config),
                                      max_message_size=config.limits.max_message_size)
+        self.metrics: MetricsServer | None = None  # [metrics] listen: Prometheus endpoint
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -79,12 +82,19 @@ class Daemon:
         try:
             await self.forwarder.start()
             await self.control.start()
+            if self.config.metrics.listen is not None:
+                listen = self.config.metrics.listen
+                self.metrics = MetricsServer(self.node, listen.host, listen.port)
+                await self.metrics.start()
         except BaseException:
+            if self.metrics is not None:
+                await self.metrics.close()
             await self.forwarder.stop()
             await self.node.stop("startup failed")
             raise
         self._spawn(self._forward_received())
         self._spawn(self._watch_peers())
+        self._spawn(self._watch_certs())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
@@ -121,6 +131,8 @@ class Daemon:
             code = 1
         for task in self._tasks:
             task.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.control.close()
         log.info("stopped", extra=fields(node=self.node.name, seconds=round(time.monotonic() - started, 3)))
         return code
@@ -159,6 +171,13 @@ class Daemon:
     async def _forward_received(self) -> None:
         async for item in self.node.received():
             self.control.publish_received(item.peer, item.kind, item.data)
+
+    async def _watch_certs(self) -> None:
+        """Warn in the log, at start and then twice a day, while a certificate expires in < 30 days."""
+        while True:
+            for warning in cert_warnings(self.node):
+                log.warning(warning, extra=fields(node=self.node.name))
+            await asyncio.sleep(CERT_CHECK_INTERVAL)
 
     async def _watch_peers(self) -> None:
         async for event in self.node.events():

@@ -43,6 +43,8 @@ from .errors import (
     UnknownPeerError,
 )
 from .mesh import Close, Dial, MeshTimers, PeerDown, PeerManager, PeerUp, Ping
+from .guard import Guard
+from .guard import settings_for as guard_settings
 from .transport import Endpoint, Link
 
 log = logging.getLogger("quicmesh.node")
@@ -280,6 +282,18 @@ class Node:
     def fingerprint(self) -> str:
         return identity.fingerprint(self._chain[0])
 
+    @property
+    def ca_not_after(self) -> datetime:
+        """When the first certificate of the mesh CA bundle expires (the whole mesh stops then)."""
+        return min(cert.not_valid_after_utc for cert in x509.load_pem_x509_certificates(self._ca_pem))
+
+    def guard_status(self) -> dict[str, Any] | None:
+        """Strangers' counters (quicmesh/guard.py): drops by reason, what is enforced; None before start."""
+        endpoint = self._endpoint
+        if endpoint is None or endpoint.guard is None:
+            return None
+        return {**endpoint.guard.status(), "stray_packets": endpoint.stray_packets}
+
     # --- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Node:
         await self.start()
@@ -300,6 +314,7 @@ class Node:
             supported_versions=QuicConfiguration(is_client=False).supported_versions,
             receive_size=self._config.limits.max_datagram_size,
         )
+        self._endpoint.guard = Guard(await guard_settings(self._config), self._now())
         listen = self._config.node.listen
         self.listen_address = self._endpoint.open(listen.host, listen.port)
         self._mesh = PeerManager(self.name, self._peers, _mesh_timers(self._config), random.Random())
@@ -396,10 +411,13 @@ class Node:
                 found = self._trust.verify(chain, expect_node=found.node, pin=pin)
         return found.node, identity.fingerprint(chain[0])
 
-    def _new_server_connection(self, original_destination_cid: bytes) -> MeshQuicConnection:
+    def _new_server_connection(
+        self, original_destination_cid: bytes, retry_source_cid: bytes | None = None
+    ) -> MeshQuicConnection:
         return MeshQuicConnection(
             configuration=self._quic_configuration(is_client=False),
             original_destination_connection_id=original_destination_cid,
+            retry_source_connection_id=retry_source_cid,
             verify_peer=lambda chain: self._verify_peer_chain(chain, None),
         )
 
@@ -1223,6 +1241,9 @@ class Node:
         if changed:
             raise ConfigError([f"{key}: cannot change on reload; restart the node" for key in changed])
         self._load_credentials(config)
+        guard_config = await guard_settings(config)
+        assert self._endpoint is not None and self._endpoint.guard is not None
+        self._endpoint.guard.configure(guard_config, self._now())
         self._config = config
         new_peers = {peer.name: peer for peer in config.peers}
         for name in list(self._peers):

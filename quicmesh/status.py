@@ -57,7 +57,22 @@ def build_status(node: Any, *, started: float, control: dict[str, Any] | None = 
         "version": __version__,
         "control": control or {},
         **_forwarding(node),
+        **_guard(node, now),
     }
+
+
+def _guard(node: Any, now: float) -> dict[str, Any]:
+    """Strangers' drop counters and the CA's expiry (additive to schema 1: absent on older nodes)."""
+    extra: dict[str, Any] = {}
+    guard_status = getattr(node, "guard_status", None)
+    guard = guard_status() if callable(guard_status) else None
+    if guard is not None:
+        extra["guard"] = guard
+    ca_not_after = getattr(node, "ca_not_after", None)
+    if isinstance(ca_not_after, datetime):
+        extra["ca_not_after"] = ca_not_after.astimezone(timezone.utc).isoformat()
+        extra["ca_days_left"] = (ca_not_after.timestamp() - now) / 86400
+    return extra
 
 
 def _forwarding(node: Any) -> dict[str, Any]:
@@ -153,9 +168,28 @@ COLUMNS = ["PEER", "STATE", "ADDRESS", "RTT", "LAST-SEEN", "DGRAM-IN/OUT", "MSG-
 
 
 def header(status: dict[str, Any]) -> str:
-    return (f"node {status['node']}  mesh {status['mesh']}  listen {status['listen']}  "
+    line = (f"node {status['node']}  mesh {status['mesh']}  listen {status['listen']}  "
             f"peers {status['peers_connected']}/{status['peers_total']} connected  "
             f"{format_cert(status['cert_days_left'])}")
+    ca_days = status.get("ca_days_left")
+    if ca_days is not None and ca_days < CERT_WARNING_DAYS:
+        line += "  CA " + format_cert(ca_days)
+    return line
+
+
+def guard_line(status: dict[str, Any]) -> str | None:
+    """Strangers dropped before aioquic (quicmesh/guard.py), by reason; None while nothing was dropped."""
+    guard = status.get("guard")
+    if not guard or not guard.get("dropped"):
+        return None
+    counters = guard.get("counters") or {}
+    drops = ", ".join(f"{name} {count}" for name, count in counters.items() if count and name != "retry_sent")
+    line = f"guard: {guard.get('dropped', 0)} dropped" + (f" ({drops})" if drops else "")
+    if guard.get("allowlist") is not None:
+        line += f", allowlist of {len(guard['allowlist'])}"
+    if guard.get("retry"):
+        line += f", retry on ({counters.get('retry_sent', 0)} sent)"
+    return line
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -173,6 +207,8 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no peers configured")
     lines += render_forwarding(status.get("forwarding") or {})
+    if (guard := guard_line(status)) is not None:
+        lines.append(guard)
     return "\n".join(lines)
 
 

@@ -22,12 +22,14 @@ from typing import Protocol
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.packet import (
+    QuicHeader,
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
 
 from ._aioquic import MeshQuicConnection
+from .guard import Guard
 
 log = logging.getLogger("quicmesh.transport")
 
@@ -61,6 +63,10 @@ class Link:
     timer_at: float | None = None
     last_received: float = 0.0
     terminated: bool = False
+
+    def handshaking(self) -> bool:
+        """An accepted connection whose handshake has not completed (nor failed) yet."""
+        return not self.terminated and not self.quic.handshake_complete
 
 
 class LinkHandler(Protocol):
@@ -97,6 +103,9 @@ class Endpoint:
         self.gso = False
         self.send_errors = 0
         self.stray_packets = 0
+        #: quicmesh.guard.Guard: allowlist, handshake limits, Retry (None: accept every source)
+        self.guard: Guard | None = None
+        self._handshaking: set[Link] = set()  # accepted links whose handshake may still be in progress
 
     # --- socket ---------------------------------------------------------------------------
     def open(self, host: str, port: int) -> Address:
@@ -174,6 +183,7 @@ class Endpoint:
 
     def _forget(self, link: Link) -> None:
         link.terminated = True
+        self._handshaking.discard(link)
         for cid in link.cids:
             if self._routes.get(cid) is link:
                 del self._routes[cid]
@@ -210,6 +220,8 @@ class Endpoint:
     def _datagram_received(self, data: bytes, addr: Address, now: float) -> None:
         if not data:
             return
+        if self.guard is not None and not self.guard.allowed(addr[0]):
+            return  # a stranger: dropped before aioquic sees it
         first = data[0]
         if first & 0x80:  # long header: DCID length at byte 5
             if len(data) < 6:
@@ -254,12 +266,38 @@ class Endpoint:
         if header.packet_type != QuicPacketType.INITIAL or len(data) < _SMALLEST_INITIAL:
             self.stray_packets += 1
             return None
-        quic = self._make_server_connection(header.destination_cid)
+        retry_cid = None
+        if self.guard is not None:
+            admitted = self._guard_initial(header, addr, now)
+            if admitted is None:
+                return None
+            original_cid, retry_cid = admitted
+        if retry_cid is None:
+            quic = self._make_server_connection(header.destination_cid)
+        else:
+            quic = self._make_server_connection(original_cid, retry_cid)  # type: ignore[call-arg]
         link = self._register(quic, dialed=False)
+        if self.guard is not None and self.guard.settings.max_pending_handshakes > 0:
+            self._handshaking.add(link)
         link.address = addr
         self._route(link, header.destination_cid)
         self._handler.link_accepted(link)
         return link
+
+    def _guard_initial(self, header: QuicHeader, addr: Address, now: float) -> tuple[bytes, bytes | None] | None:
+        """Rate limits, pending-handshake cap and Retry for a new-connection Initial; None drops it."""
+        guard = self.guard
+        assert guard is not None
+        if len(self._handshaking) >= guard.settings.max_pending_handshakes > 0:
+            self._handshaking = {link for link in self._handshaking if link.handshaking()}
+        if not guard.admit_initial(addr[0], now, len(self._handshaking)):
+            return None
+        if not guard.retry:
+            return header.destination_cid, None
+        reply, ids = guard.retry_check(header, addr, now)
+        if reply is not None:
+            self._sendto(reply, addr)
+        return ids
 
     # --- events, timers, send ---------------------------------------------------------------
     def _process(self, link: Link) -> None:

@@ -22,6 +22,8 @@ from quicmesh.config import (
     ControlSection,
     ForwardConfig,
     Limits,
+    MetricsSection,
+    SecuritySection,
     LogSection,
     NodeSection,
     PeerConfig,
@@ -181,7 +183,8 @@ def test_to_dict_is_plain_json_ready_data(tmp_path: Path) -> None:
     assert data["peers"][1] == {"name": "gamma", "address": "[2001:db8::3]:5000", "fingerprint": "sha256:" + "cd" * 32}
     assert "fingerprint" not in data["peers"][0]  # TOML has no null: unset optional keys are left out
     assert data["timers"]["dead_after"] == 2.0
-    assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "services", "forwards"}
+    assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
+                         "services", "forwards"}
 
 
 # --- errors, each with its key path -----------------------------------------------------------------
@@ -251,8 +254,8 @@ ERROR_CASES = [
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
     (_set("storage", {}), "storage: unknown section (known sections: node, tls, peers, limits, timers, control, log, "
-                                "services, forwards)"),
-    (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [[forwards]]"),
+                                "security, metrics, services, forwards)"),
+    (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [metrics] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
     (_set("node.my key", 1), 'node."my key": unknown key (known keys: name, mesh, listen)'),
@@ -581,6 +584,7 @@ def test_example_config_parses_and_documents_every_key() -> None:
     sections = {f.name for f in dataclasses.fields(Config)} - {"path"}
     classes = {"node": NodeSection, "tls": TlsSection, "peers": PeerConfig, "limits": Limits,
                "timers": Timers, "control": ControlSection, "log": LogSection,
+               "security": SecuritySection, "metrics": MetricsSection,
                "services": ServiceConfig, "forwards": ForwardConfig}
     assert set(classes) == set(sections)
     assert _keys_by_section(text) == {
@@ -596,6 +600,7 @@ def test_example_config_shows_the_defaults() -> None:
     assert config.limits == Limits()
     assert config.timers == Timers()
     assert config.log == LogSection()
+    assert config.security == SecuritySection()
 
 
 def test_example_config_matches_the_doc() -> None:
@@ -605,9 +610,10 @@ def test_example_config_matches_the_doc() -> None:
 
 
 # --- nothing but ConfigError escapes --------------------------------------------------------------------
-KNOWN_KEYS = sorted({"node", "tls", "peers", "limits", "timers", "control", "log", "services", "forwards"} | {
+KNOWN_KEYS = sorted({"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
+                     "services", "forwards"} | {
     f.name for cls in (NodeSection, TlsSection, PeerConfig, Limits, Timers, ControlSection, LogSection,
-                       ServiceConfig, ForwardConfig)
+                       SecuritySection, MetricsSection, ServiceConfig, ForwardConfig)
     for f in dataclasses.fields(cls)
 })
 keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=8))
@@ -720,3 +726,25 @@ def test_duplicate_forward_listen_addresses() -> None:
     data = tomllib.loads(FORWARDING)
     data["forwards"].append(dict(data["forwards"][0], service="dns"))
     assert errors_of(data) == ["forwards[1].listen: duplicate listen address 127.0.0.1:5000 (also forwards[0])"]
+
+
+# --- [security] and [metrics] ---------------------------------------------------------------------------
+def test_security_and_metrics_sections_parse_and_report_errors() -> None:
+    data = valid_data()
+    data["security"] = {"allowlist": ["10.0.0.0/8", "192.0.2.7", "2001:db8::1/32"], "allowlist_peers": True,
+                        "retry": True, "handshake_rate": 0, "max_pending_handshakes": 8}
+    data["metrics"] = {"listen": "127.0.0.1:9464"}
+    config = parse_config(data, Path("/"), check_files=False)
+    assert config.security.allowlist == ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32")
+    assert config.security.allowlist_peers and config.security.retry
+    assert config.security.handshake_rate == 0.0 and config.security.max_pending_handshakes == 8
+    assert str(config.metrics.listen) == "127.0.0.1:9464"
+    assert parse_config(tomllib.loads(render_config(config)), Path("/"), check_files=False) == config
+    data["security"] = {"allowlist": ["10.0.0.0/33", 7], "retry": "yes", "handshake_rate": -1, "alowlist": []}
+    assert errors_of(data) == [
+        "security.alowlist: unknown key, did you mean 'allowlist'?",
+        'security.allowlist[0]: must be an IP address or CIDR network such as "10.0.0.0/8", got "10.0.0.0/33"',
+        'security.allowlist[1]: must be an IP address or CIDR network such as "10.0.0.0/8", got 7',
+        'security.retry: must be true or false, got "yes"',
+        "security.handshake_rate: must be a number per second between 0 (no limit) and 1000000, got -1",
+    ]
