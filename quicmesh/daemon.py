@@ -157,6 +157,8 @@ class Daemon:
                 self.config = new
                 self._setup_logging(new)
                 log.info("reloaded", extra=fields(peers=len(new.peers), fingerprint=self.node.fingerprint))
+                for warning in cert_warnings(self.node):  # a renewed cert clears it; a forgotten one says so
+                    log.warning(warning, extra=fields(node=self.node.name))
             finally:
                 notify("READY=1", f"STATUS={self._summary()}")
 
