@@ -164,3 +164,20 @@ async def test_retry_forces_a_round_trip_and_peers_still_authenticate(configs: d
         assert "certificate" in reason.lower(), reason
         assert beta.connected_peers() == ["alpha"]
         assert beta.guard_status()["counters"]["retry_sent"] >= 2
+
+
+async def test_reload_turns_the_allowlist_on_without_dropping_peers(configs: dict[str, Config]) -> None:
+    async with Node(configs["alpha"]) as alpha, Node(configs["beta"]) as beta:
+        await alpha.wait_connected(timeout=10)
+        port = beta.listen_address[1]
+        with udp_from("127.0.0.2") as stranger:
+            data, cid = client_initial(port)
+            stranger.sendto(data, ("127.0.0.1", port))
+            assert cid in reply_cids(await replies(stranger))  # no allowlist yet: the port answers
+            await beta.reload(with_security(configs["beta"], allowlist=("127.0.0.1/32",)))
+            stranger.sendto(client_initial(port)[0], ("127.0.0.1", port))
+            assert await replies(stranger) == []
+        await asyncio.wait_for(alpha.send("beta", b"still here"), 5)
+        assert (await asyncio.wait_for(beta.recv(), 5)).data == b"still here"
+        assert beta.connected_peers() == ["alpha"]
+        assert beta.guard_status()["counters"]["not_allowed"] >= 1
