@@ -256,6 +256,9 @@ class Endpoint:
             and header.version is not None
             and header.version not in self._supported_versions
         ):
+            if len(data) < _SMALLEST_INITIAL:  # RFC 9000 5.2.2: no reply that is bigger than the request
+                self.stray_packets += 1
+                return None
             self._sendto(
                 encode_quic_version_negotiation(
                     source_cid=header.destination_cid,

@@ -181,3 +181,17 @@ async def test_reload_turns_the_allowlist_on_without_dropping_peers(configs: dic
         assert (await asyncio.wait_for(beta.recv(), 5)).data == b"still here"
         assert beta.connected_peers() == ["alpha"]
         assert beta.guard_status()["counters"]["not_allowed"] >= 1
+
+
+async def test_version_negotiation_only_answers_full_size_datagrams(configs: dict[str, Config]) -> None:
+    async with Node(configs["beta"]) as beta:
+        port = beta.listen_address[1]
+        # Long header, version 0x1a2a3a4a (unsupported), DCID and SCID of 8 bytes.
+        probe = b"\xc0" + bytes.fromhex("1a2a3a4a") + b"\x08" + b"D" * 8 + b"\x08" + b"S" * 8
+        with udp_from("127.0.0.2") as sock:
+            sock.sendto(probe, ("127.0.0.1", port))  # small: answering would amplify a spoofed source
+            assert await replies(sock) == []
+            sock.sendto(probe + bytes(1200), ("127.0.0.1", port))
+            (answer,) = await replies(sock)
+            assert pull_quic_header(Buffer(data=answer), host_cid_length=8).packet_type == \
+                QuicPacketType.VERSION_NEGOTIATION
