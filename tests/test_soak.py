@@ -17,8 +17,8 @@ from quicmesh import Node
 from test_flood import _flood
 from test_strangers import client_initial, udp_from
 
-INITIALS = 1500
-MESSAGES = 150
+INITIALS = 800
+MESSAGES = 100
 
 
 def _rss_mib() -> float:
