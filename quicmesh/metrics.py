@@ -103,6 +103,8 @@ def render(node: Any, now: float | None = None) -> str:
                [(f'{{reason="{_label(r)}"}}', int(v)) for r, v in counters.items() if r != "retry_sent"])
         metric("quicmesh_guard_retry_sent_total", "counter", "QUIC Retry packets sent.",
                [("", int(counters.get("retry_sent", 0)))])
+        metric("quicmesh_pending_handshakes", "gauge", "Accepted connections still handshaking.",
+               [("", int(guard.get("pending_handshakes", 0)))])
         metric("quicmesh_stray_packets_total", "counter", "Packets for no connection that were not Initials.",
                [("", int(guard.get("stray_packets", 0)))])
     certs = [("node", node.cert_not_after), ("ca", getattr(node, "ca_not_after", None))]

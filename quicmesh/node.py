@@ -292,7 +292,8 @@ class Node:
         endpoint = self._endpoint
         if endpoint is None or endpoint.guard is None:
             return None
-        return {**endpoint.guard.status(), "stray_packets": endpoint.stray_packets}
+        return {**endpoint.guard.status(), "stray_packets": endpoint.stray_packets,
+                "pending_handshakes": endpoint.pending_handshakes()}
 
     # --- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Node:

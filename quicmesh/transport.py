@@ -165,6 +165,10 @@ class Endpoint:
     def links(self) -> list[Link]:
         return list(self._links.values())
 
+    def pending_handshakes(self) -> int:
+        """Accepted connections still handshaking (tracked while the guard caps them)."""
+        return sum(1 for link in self._handshaking if link.handshaking())
+
     def touch(self, link: Link) -> None:
         """Something was queued on the connection: flush it at the end of this loop iteration."""
         self._dirty[link.conn_id] = link

@@ -140,6 +140,7 @@ async def test_pending_handshakes_are_capped(configs: dict[str, Config]) -> None
                 sock.sendto(client_initial(port)[0], ("127.0.0.1", port))
             assert len(reply_cids(await replies(sock))) == 2
         assert beta.guard_status()["counters"]["pending_full"] == 3
+        assert beta.guard_status()["pending_handshakes"] == 2
 
 
 async def test_retry_forces_a_round_trip_and_peers_still_authenticate(configs: dict[str, Config]) -> None:
