@@ -256,22 +256,22 @@ async def settings_for(config: Any, *, resolve_timeout: float = 2.0) -> GuardSet
         allowlist = [parse_network(item) for item in security.allowlist or ()]
     if security.allowlist_peers and allowlist is not None:
         loop = asyncio.get_running_loop()
-        for peer in config.peers:
+
+        async def resolve(peer: Any) -> list[Network]:
             network = host_network(peer.address.host)
             if network is not None:
-                allowlist.append(network)
-                continue
+                return [network]
             try:
                 async with asyncio.timeout(resolve_timeout):
                     infos = await loop.getaddrinfo(peer.address.host, peer.address.port, type=socket.SOCK_DGRAM)
             except (OSError, TimeoutError) as error:
                 log.warning("security.allowlist_peers: cannot resolve peer %s (%s): %s",
                             peer.name, peer.address.host, error)
-                continue
-            for info in infos:
-                resolved = host_network(str(info[4][0]))
-                if resolved is not None:
-                    allowlist.append(resolved)
+                return []
+            return [n for n in (host_network(str(info[4][0])) for info in infos) if n is not None]
+
+        for found in await asyncio.gather(*(resolve(peer) for peer in config.peers)):  # at once: one timeout
+            allowlist.extend(found)
     return GuardSettings(
         allowlist=None if allowlist is None else tuple(dict.fromkeys(allowlist)),
         handshake_rate_per_source=security.handshake_rate_per_source,

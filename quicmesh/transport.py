@@ -226,8 +226,6 @@ class Endpoint:
     def _datagram_received(self, data: bytes, addr: Address, now: float) -> None:
         if not data:
             return
-        if self.guard is not None and not self.guard.allowed(addr[0]):
-            return  # a stranger: dropped before aioquic sees it
         first = data[0]
         if first & 0x80:  # long header: DCID length at byte 5
             if len(data) < 6:
@@ -237,6 +235,8 @@ class Endpoint:
         else:
             dcid = data[1:9]
         link = self._routes.get(dcid)
+        if self.guard is not None and (link is None or not link.dialed) and not self.guard.allowed(addr[0]):
+            return  # a stranger: dropped before aioquic sees it (replies to our own dials always pass)
         if link is None:
             link = self._accept(data, addr, now)
             if link is None:

@@ -196,3 +196,13 @@ async def test_version_negotiation_only_answers_full_size_datagrams(configs: dic
             (answer,) = await replies(sock)
             assert pull_quic_header(Buffer(data=answer), host_cid_length=8).packet_type == \
                 QuicPacketType.VERSION_NEGOTIATION
+
+
+async def test_replies_to_our_own_dials_pass_an_allowlist_that_does_not_cover_the_peer(
+    configs: dict[str, Config],
+) -> None:
+    alpha_config = with_security(configs["alpha"], allowlist=("10.0.0.0/8",))  # 127.0.0.1 (beta) not in it
+    async with Node(alpha_config) as alpha, Node(configs["beta"]) as beta:
+        await alpha.wait_connected(timeout=10)  # alpha's own dial to beta
+        await asyncio.wait_for(beta.send("alpha", b"back"), 5)
+        assert (await asyncio.wait_for(alpha.recv(), 5)).data == b"back"
