@@ -11,6 +11,7 @@ from meshkit import make_mesh
 from quicmesh import Node
 from quicmesh.metrics import MetricsServer, cert_warnings, render
 from quicmesh.status import build_status, guard_line, header
+from quicmesh.status import render as render_status
 
 
 async def _get(address: tuple[str, int], path: str) -> tuple[str, str]:
@@ -85,3 +86,4 @@ def test_status_header_shows_guard_drops_and_ca_warning() -> None:
                         "counters": {"not_allowed": 3, "rate_source": 1, "retry_sent": 2}}}
     assert "CA cert 5d left WARNING" in header(status)
     assert guard_line(status) == "guard: 4 dropped (not_allowed 3, rate_source 1), allowlist of 1, retry on (2 sent)"
+    assert render_status({**status, "peers": []}).splitlines()[-1] == guard_line(status)
