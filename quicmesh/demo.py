@@ -58,12 +58,12 @@ class LocalNode:
         return self.config.with_name("node.log")
 
 
-def free_udp_ports(count: int) -> list[int]:
-    """UDP ports on 127.0.0.1 that are free right now (all held open together, so they differ)."""
+def free_udp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """UDP ports on ``host`` that are free right now (all held open together, so they differ)."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
     try:
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:

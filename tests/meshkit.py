@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol
@@ -12,20 +11,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
-
-
-def free_udp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports that were free a moment ago (held together so they are distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from quicmesh.demo import free_udp_ports
 
 
 def make_mesh(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..demo import free_udp_ports
 from .common import MIN_SIZE, resolve_loop
 
 READY_TIMEOUT = 45.0
@@ -53,24 +53,11 @@ class BenchOptions:
         self.loop = resolve_loop(self.loop)
 
 
-def _free_ports(host: str, count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def make_bench_mesh(directory: Path, names: list[str], host: str) -> dict[str, Path]:
     """A throwaway CA and one node directory per name, on free ports of ``host``: name -> node.toml."""
     from pki.bootstrap import bootstrap, parse_node_spec
 
-    ports = _free_ports(host, len(names))
+    ports = free_udp_ports(len(names), host)
     specs = [parse_node_spec(f"{name}={host}:{port}") for name, port in zip(names, ports)]
     bootstrap(directory, "bench", specs)
     return {name: directory / name / "node.toml" for name in names}
