@@ -700,6 +700,14 @@ class Node:
         if not quiet:
             log.info("closing connection %s %s: %s", state.peer or "(unverified)",
                      _format_address(state.link.address), reason)
+        if state.link.address is None:
+            # A dial still resolving its peer's name has sent nothing and has no path to send a close
+            # on: forget it (the resolver sees closing_reason and does not connect it).
+            assert self._endpoint is not None and self._mesh is not None
+            self._endpoint.abandon(state.link)
+            self._links.pop(state.conn_id, None)
+            self._apply(self._mesh.connection_lost(state.conn_id, reason, self._now()))
+            return
         state.quic.close(error_code=int(code), reason_phrase=reason[:_REASON_LIMIT])
         self._touch(state)
         peer = self._peers.get(state.peer or "")

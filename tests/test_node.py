@@ -328,3 +328,44 @@ async def drain_kind(node: Node, kind: str, count: int, timeout: float = 10.0) -
             if item.kind == kind:
                 items.append(item)
     return items
+
+
+async def test_a_dial_timing_out_while_its_name_still_resolves_is_dropped_quietly(tmp_path: Path) -> None:
+    """Seen in containers: DNS slower than the handshake timeout. Closing such a dial used to make aioquic
+    raise inside the endpoint's flush (no network path yet), which also skipped every other flush."""
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    beta_port = configs["beta"].node.listen.port
+    slow = dataclasses.replace(configs["alpha"].peers[0], address=Address("beta.slow.test", beta_port))
+    alpha_config = with_timers(dataclasses.replace(configs["alpha"], peers=(slow,)), handshake_timeout=0.2)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    real_getaddrinfo = loop.getaddrinfo
+    lookups = 0
+
+    async def slow_getaddrinfo(host, port, **kwargs):
+        nonlocal lookups
+        if host != "beta.slow.test":
+            return await real_getaddrinfo(host, port, **kwargs)
+        lookups += 1
+        await asyncio.sleep(0.1 if lookups > 2 else 0.5)  # the first two outlast the handshake timeout
+        return await real_getaddrinfo("127.0.0.1", port, **kwargs)
+
+    loop.getaddrinfo = slow_getaddrinfo  # type: ignore[method-assign]
+    alpha, beta = Node(alpha_config), Node(configs["beta"])
+    try:
+        await alpha.start()
+        async with asyncio.timeout(10):
+            while lookups < 3:  # two dials timed out while resolving, the third one resolves in time
+                await asyncio.sleep(0.05)
+        await beta.start()
+        await alpha.wait_connected(["beta"], timeout=15)
+        assert lookups >= 3
+        await alpha.send("beta", b"after slow lookups")
+        assert (await beta.recv()).data == b"after slow lookups"
+    finally:
+        await alpha.stop()
+        await beta.stop()
+        del loop.getaddrinfo
+        loop.set_exception_handler(None)
+    assert errors == []
