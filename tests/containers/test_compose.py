@@ -46,6 +46,23 @@ def remove_leftovers() -> None:
             remove_project(project)
 
 
+def diagnose(project: str) -> str:
+    """Each mesh node's status and recent log, for a failure message."""
+    parts = [subprocess.run(["podman", "ps", "-a", "--filter", f"label={PROJECT_LABEL}={project}", "--format",
+                             "{{.Names}} {{.Status}}"], capture_output=True, text=True).stdout]
+    for node in ("alpha", "beta", "gamma"):
+        ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={PROJECT_LABEL}={project}",
+                              "--filter", f"label=com.docker.compose.service={node}"],
+                             capture_output=True, text=True).stdout.split()
+        for cid in ids:
+            status = subprocess.run(["podman", "exec", cid, "quicmesh", "status"], capture_output=True,
+                                    text=True, timeout=30)
+            log = subprocess.run(["podman", "logs", "--tail", "40", cid], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=30).stdout
+            parts.append(f"--- {node}: status\n{status.stdout}{status.stderr}--- {node}: log\n{log}")
+    return "\n".join(parts)
+
+
 def test_compose_mesh_comes_up_and_tester_passes(image: str, measured):
     tool = podman_compose()
     if tool is None:
@@ -69,7 +86,7 @@ def test_compose_mesh_comes_up_and_tester_passes(image: str, measured):
         logs = subprocess.run(["podman", "logs", tester[0]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True).stdout
         measured.add("compose: up until tester verdict", f"{time.monotonic() - started:.1f} s")
-        assert waited.stdout.strip() == "0", f"tester exited {waited.stdout.strip()}:\n{logs}"
+        assert waited.stdout.strip() == "0", f"tester exited {waited.stdout.strip()}:\n{logs}{diagnose(project)}"
         assert "tester: PASS" in logs
         for node in ("alpha", "beta", "gamma"):
             ids = subprocess.run(["podman", "ps", "-q", "--filter", f"label={PROJECT_LABEL}={project}",
