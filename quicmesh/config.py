@@ -105,6 +105,12 @@ class Limits:
     datagram_queue: int = 1024
     message_window: int = 64
     max_requests_in_flight: int = 64
+    # Bytes one peer may have buffered here: its partly received messages plus those held unacknowledged
+    # while the application is behind (over it: connection closed, RESOURCE_LIMIT); the same bound caps
+    # partly received requests (over it: that request refused, OVERLOADED). Senders keep at most half
+    # of it unacknowledged, so a peer with the same setting never trips it.
+    max_peer_buffer: int = 64 * 1024 * 1024
+    max_inbox_bytes: int = 64 * 1024 * 1024  # received, not yet read by the application (node-wide)
     max_flows_per_peer: int = 256  # forwarded UDP flows per peer, each way (new flows over it are dropped)
     forward_idle_timeout: float = 60.0  # seconds without traffic before a forwarded UDP flow is closed
 
@@ -510,6 +516,8 @@ _LIMITS = _Table(Limits, (
     _Field("datagram_queue", _integer(1, MAX_DATAGRAM_QUEUE)),
     _Field("message_window", _integer(1, MAX_MESSAGE_WINDOW)),
     _Field("max_requests_in_flight", _integer(1, 100)),
+    _Field("max_peer_buffer", _integer(2, 2 * MAX_MESSAGE_SIZE)),
+    _Field("max_inbox_bytes", _integer(1, 1 << 40)),
     _Field("max_flows_per_peer", _integer(1, MAX_FLOWS_PER_PEER)),
     _Field("forward_idle_timeout", _seconds),
 ))
@@ -708,6 +716,15 @@ class _Parser:
             else:
                 first[name] = i
 
+    def check_peer_buffer(self, given: dict[str, Any]) -> None:
+        """A sender keeps half of max_peer_buffer unacknowledged: the largest message must fit in it."""
+        limits = Limits(**given)
+        if limits.max_peer_buffer >= 2 * limits.max_message_size:
+            return
+        key = "max_peer_buffer" if "max_peer_buffer" in given else "max_message_size"
+        self.fail(f"limits.{key}", f"limits.max_peer_buffer ({limits.max_peer_buffer}) must be at least twice "
+                                   f"limits.max_message_size ({limits.max_message_size})")
+
     def check_timer_order(self, given: dict[str, Any]) -> None:
         """Blame the key the user wrote, not the default it collides with."""
         timers = Timers(**given)
@@ -756,6 +773,8 @@ def parse_config(
 
     if valid.get("timers"):
         parser.check_timer_order(values["timers"])
+    if valid.get("limits"):
+        parser.check_peer_buffer(values["limits"])
     control = values.setdefault("control", {})
     node_name = values.get("node", {}).get("name")
     if "socket" not in control and node_name is not None:

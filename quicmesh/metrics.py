@@ -31,6 +31,8 @@ _PEER_COUNTERS = (
     ("quicmesh_bytes_out_total", "bytes_out", "Payload bytes sent to the peer."),
     ("quicmesh_requests_in_total", "requests_in", "Requests served for the peer."),
     ("quicmesh_requests_out_total", "requests_out", "Requests sent to the peer."),
+    ("quicmesh_requests_refused_total", "requests_refused", "Peer's requests refused (in flight or buffer limit)."),
+    ("quicmesh_limit_closes_total", "limit_closes", "Connections closed for exceeding limits.max_peer_buffer."),
 )
 
 

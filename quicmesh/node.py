@@ -95,6 +95,8 @@ class PeerCounters:
     bytes_out: int = 0
     requests_in: int = 0
     requests_out: int = 0
+    limit_closes: int = 0  # connections closed for buffering more than limits.max_peer_buffer
+    requests_refused: int = 0  # requests refused: over max_requests_in_flight or max_peer_buffer
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ class _DuplicateFilter:
             self.above.add(message_id)
 
 
+class _Superseded(PeerNotConnectedError):
+    """A request's connection was closed as a duplicate before the peer served it (it is resent)."""
+
+
 class _Peer:
     """Everything about one configured peer that outlives a single connection."""
 
@@ -156,6 +162,8 @@ class _Peer:
         self.next_message_id = 0
         self.unacked: dict[int, _Outgoing] = {}
         self.window = asyncio.Semaphore(window)
+        self.unacked_bytes = 0  # bodies in ``unacked``: kept within half the peer's max_peer_buffer
+        self.byte_waiters: deque[asyncio.Future[None]] = deque()
         self.incoming = _DuplicateFilter()
         self.parked_ids: set[int] = set()
         self.datagram_queue: deque[bytes] = deque()
@@ -171,10 +179,11 @@ class _Peer:
 class _InStream:
     """A peer-opened stream whose type, or body, has not fully arrived yet."""
 
-    __slots__ = ("head", "stream_type", "decoder", "refused")
+    __slots__ = ("head", "stream_type", "decoder", "refused", "buffered")
 
     def __init__(self) -> None:
         self.head = b""
+        self.buffered = 0  # bytes fed to the decoder so far (counted in the link's buffer totals)
         self.stream_type: int | None = None
         self.decoder: Any = None
         self.refused = False
@@ -200,11 +209,17 @@ class _LinkState:
         self.hello: wire.Hello | None = None
         self.ready = False
         self.closing_reason: str | None = None
+        self.retiring: str | None = None  # lost a duplicate tie-break: closes once its requests are done
+        self.close_code: int | None = None  # ours, once we close it
         self.streams: dict[int, _InStream] = {}
         self.requests: dict[int, _PendingRequest] = {}
         self.serving = 0
         self.pending_acks: list[int] = []
         self.early_messages: list[tuple[int, bytes]] = []
+        # Bytes this peer makes us hold (limits.max_peer_buffer): partly received and held messages,
+        # and partly received requests.
+        self.message_bytes = 0
+        self.request_bytes = 0
 
     @property
     def quic(self) -> MeshQuicConnection:
@@ -231,6 +246,7 @@ class Node:
         }
         self._links: dict[int, _LinkState] = {}
         self._inbox: deque[Received] = deque()
+        self._inbox_bytes = 0
         self._inbox_waiters: deque[asyncio.Future[None]] = deque()
         self._parked: deque[tuple[_LinkState, int, bytes]] = deque()
         self._subscribers: list[asyncio.Queue[PeerEvent | None]] = []
@@ -449,7 +465,13 @@ class Node:
                     self._touch(state)
             elif isinstance(action, Close):
                 state = self._links.get(action.conn_id)
-                if state is not None:
+                if state is None:
+                    continue
+                if action.code == wire.ErrorCode.DUPLICATE_CONNECTION and state.usable and (
+                    state.requests or state.serving
+                ):
+                    self._retire(state, action.reason)
+                else:
                     self._close_link(state, action.code, action.reason)
             elif isinstance(action, PeerUp):
                 self._peer_up(action.peer, action.conn_id)
@@ -595,9 +617,27 @@ class Node:
             self.rejections.append((time.time(), address, reason))
             self.rejection_count += 1
             log.warning("handshake %s %s failed: %s", "to" if link.dialed else "from", address, reason)
-        self._fail_requests(state, PeerNotConnectedError(f"connection lost: {reason}"))
+        superseded = state.close_code == wire.ErrorCode.DUPLICATE_CONNECTION or (
+            event.frame_type is None and event.error_code == wire.ErrorCode.DUPLICATE_CONNECTION
+        )
+        error_type = _Superseded if superseded else PeerNotConnectedError
+        self._fail_requests(state, error_type(f"connection lost: {reason}"))
+        self._drop_parked(state)
         if self._state == "running" and self._mesh is not None:
             self._apply(self._mesh.connection_lost(link.conn_id, reason, self._now(), rejected=rejected))
+
+    def _drop_parked(self, state: _LinkState) -> None:
+        """Held messages of a lost connection: unacknowledged, so the sender resends them on its next one."""
+        if not any(entry[0] is state for entry in self._parked):
+            return
+        peer = self._peers.get(state.peer or "")
+        kept: deque[tuple[_LinkState, int, bytes]] = deque()
+        for entry in self._parked:
+            if entry[0] is not state:
+                kept.append(entry)
+            elif peer is not None:
+                peer.parked_ids.discard(entry[1])
+        self._parked = kept
 
     def before_flush(self, link: Link) -> None:
         state = self._links.get(link.conn_id)
@@ -682,6 +722,7 @@ class Node:
             self._send_control(state, wire.Services(tuple(self._forward_handler.services_for(state.peer))))
         early, state.early_messages = state.early_messages, []
         for message_id, body in early:
+            state.message_bytes -= len(body)
             self._message(state, message_id, body)
 
     def _send_control(self, state: _LinkState, frame: Any) -> None:
@@ -696,6 +737,7 @@ class Node:
         if state.closing_reason is not None or state.link.terminated:
             return
         state.closing_reason = reason
+        state.close_code = code
         state.ready = False
         if not quiet:
             log.info("closing connection %s %s: %s", state.peer or "(unverified)",
@@ -713,6 +755,26 @@ class Node:
         peer = self._peers.get(state.peer or "")
         if peer is not None and peer.link is state:
             peer.link = None
+
+    def _retire(self, state: _LinkState, reason: str) -> None:
+        """A duplicate that lost the tie-break while requests ran on it: nothing new goes on it (the
+        winner carries the peer now), but its requests finish before it closes, within a bound."""
+        state.retiring = reason
+        peer = self._peers.get(state.peer or "")
+        if peer is not None and peer.link is state:
+            peer.link = None
+        asyncio.get_running_loop().call_later(
+            self._config.timers.handshake_timeout, self._close_link, state, wire.ErrorCode.DUPLICATE_CONNECTION, reason
+        )
+
+    def _retired_if_idle(self, state: _LinkState) -> None:
+        if state.retiring is None or state.requests or state.serving or state.closing_reason is not None:
+            return
+        # A moment for our last response to reach the peer: a close discards unsent stream data.
+        grace = max(0.05, 3 * (state.quic.smoothed_rtt() or 0.0))
+        asyncio.get_running_loop().call_later(
+            grace, self._close_link, state, wire.ErrorCode.DUPLICATE_CONNECTION, state.retiring
+        )
 
     def _touch(self, state: _LinkState) -> None:
         if self._endpoint is not None:
@@ -749,10 +811,28 @@ class Node:
             if end:
                 raise ProtocolError("control stream closed by peer")
             return
-        if stream.refused:
+        if stream.refused or state.closing_reason is not None:
             if end:
-                del state.streams[stream_id]
+                state.streams.pop(stream_id, None)
             return
+        limit = self._config.limits.max_peer_buffer
+        stream.buffered += len(data)
+        if kind == wire.StreamType.MESSAGE:
+            state.message_bytes += len(data)
+            if state.message_bytes > limit:
+                # Our own senders never get here (they keep half of it unacknowledged): a peer that
+                # does ignores its window, so it loses the connection, not just this message.
+                self._peers[state.peer].counters.limit_closes += 1
+                reason = f"peer made us buffer over {limit} bytes of messages (limits.max_peer_buffer)"
+                log.warning("closing connection %s: %s", state.peer, reason)
+                self._close_link(state, wire.ErrorCode.RESOURCE_LIMIT, reason, quiet=True)
+                return
+        else:
+            state.request_bytes += len(data)
+            if state.request_bytes > limit:
+                reason = f"over {limit} bytes of requests in progress (limits.max_peer_buffer)"
+                self._refuse_stream(state, stream_id, stream, reason, overloaded=True)
+                return
         try:
             result = stream.decoder.feed(data, end)
         except ProtocolError as error:
@@ -762,6 +842,7 @@ class Node:
             return
         if result is None:
             return
+        self._unbuffer(state, stream)
         del state.streams[stream_id]
         if kind == wire.StreamType.MESSAGE:
             message_id, body = result
@@ -769,17 +850,34 @@ class Node:
                 self._message(state, message_id, body)
             else:
                 state.early_messages.append((message_id, body))
+                state.message_bytes += len(body)
         else:
             self._request(state, stream_id, result)
 
-    def _refuse_stream(self, state: _LinkState, stream_id: int, stream: _InStream, reason: str) -> None:
-        """An oversized message or request: refuse that stream only, and tell the sender why."""
-        stream.refused = True
-        state.quic.stop_stream(stream_id, wire.ErrorCode.MESSAGE_TOO_LARGE)
+    @staticmethod
+    def _unbuffer(state: _LinkState, stream: _InStream) -> None:
+        """The stream's bytes no longer count against its peer's max_peer_buffer."""
         if stream.stream_type == wire.StreamType.MESSAGE:
-            self._send_control(state, wire.Reject(stream.decoder.message_id, wire.ErrorCode.MESSAGE_TOO_LARGE, reason))
+            state.message_bytes -= stream.buffered
         else:
-            self._respond(state, stream_id, wire.ResponseStatus.TOO_LARGE, reason.encode())
+            state.request_bytes -= stream.buffered
+        stream.buffered = 0
+
+    def _refuse_stream(
+        self, state: _LinkState, stream_id: int, stream: _InStream, reason: str, *, overloaded: bool = False
+    ) -> None:
+        """An oversized message or request, or a request over the buffer: refuse that stream only, say why."""
+        stream.refused = True
+        self._unbuffer(state, stream)
+        code = wire.ErrorCode.RESOURCE_LIMIT if overloaded else wire.ErrorCode.MESSAGE_TOO_LARGE
+        state.quic.stop_stream(stream_id, code)
+        if stream.stream_type == wire.StreamType.MESSAGE:
+            self._send_control(state, wire.Reject(stream.decoder.message_id, code, reason))
+        else:
+            if overloaded:
+                self._peers[state.peer or ""].counters.requests_refused += 1
+            status = wire.ResponseStatus.OVERLOADED if overloaded else wire.ResponseStatus.TOO_LARGE
+            self._respond(state, stream_id, status, reason.encode())
         self._touch(state)
 
     def _decoder_for(self, state: _LinkState, stream_type: int) -> Any:
@@ -794,10 +892,13 @@ class Node:
         return wire.RequestDecoder(limit)
 
     def _stream_reset(self, state: _LinkState, stream_id: int) -> None:
-        state.streams.pop(stream_id, None)
+        stream = state.streams.pop(stream_id, None)
+        if stream is not None:
+            self._unbuffer(state, stream)
         pending = state.requests.pop(stream_id, None)
         if pending is not None and not pending.future.done():
             pending.future.set_exception(RemoteError("peer reset the request stream"))
+        self._retired_if_idle(state)
 
     # --- datagrams -------------------------------------------------------------------------------
     def send_datagram(self, peer: str, data: bytes) -> None:
@@ -923,7 +1024,7 @@ class Node:
         peer = self._peers[state.peer]
         peer.counters.datagrams_in += 1
         peer.counters.bytes_in += len(payload)
-        if len(self._inbox) >= _INBOX_CAPACITY:
+        if len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes:
             self.inbox_dropped += 1
             peer.counters.datagrams_dropped += 1
             return
@@ -935,8 +1036,14 @@ class Node:
         target = self._peer_or_raise(peer)
         self._check_running()
         self._check_message_size(target, data)
+        size = len(data)
         await target.window.acquire()
+        reserved = False
         try:
+            if target.unacked_bytes and target.unacked_bytes + size > self._config.limits.max_peer_buffer // 2:
+                await self._wait_for_unacked_bytes(target, size)
+            target.unacked_bytes += size
+            reserved = True
             self._check_running()
             if self._peers.get(peer) is not target:
                 raise UnknownPeerError(f"peer {peer} was removed from the config")
@@ -949,6 +1056,8 @@ class Node:
                 self._transmit(state, message_id, data)
         except BaseException:
             target.window.release()
+            if reserved:
+                self._release_bytes(target, size)
             raise
         # Cancelling the caller does not unsend: the message stays queued until the peer acks it.
         await asyncio.shield(future)
@@ -991,6 +1100,7 @@ class Node:
             if outgoing is None:
                 continue  # a repeated ack after a resend
             peer.window.release()
+            self._release_bytes(peer, len(outgoing.body))
             if not outgoing.future.done():
                 outgoing.future.set_result(None)
 
@@ -1000,6 +1110,7 @@ class Node:
         if peer is None or outgoing is None:
             return
         peer.window.release()
+        self._release_bytes(peer, len(outgoing.body))
         if not outgoing.future.done():
             error_type = MessageTooLargeError if frame.code == wire.ErrorCode.MESSAGE_TOO_LARGE else RemoteError
             outgoing.future.set_exception(error_type(f"peer {peer.name} refused the message: {frame.reason}"))
@@ -1011,11 +1122,12 @@ class Node:
             if message_id not in peer.parked_ids:
                 state.pending_acks.append(message_id)  # our earlier ack was lost: ack again
             return
-        if len(self._inbox) >= _INBOX_CAPACITY:
+        if len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes:
             # The application is behind: hold the message unacknowledged, so the sender's window
             # fills and it slows down, instead of dropping it or growing without bound.
             peer.parked_ids.add(message_id)
             self._parked.append((state, message_id, body))
+            state.message_bytes += len(body)
             return
         self._accept_message(state, peer, message_id, body)
 
@@ -1028,8 +1140,10 @@ class Node:
         self._deliver(Received(peer.name, "message", body))
 
     def _unpark(self) -> None:
-        while self._parked and len(self._inbox) < _INBOX_CAPACITY:
+        limit = self._config.limits.max_inbox_bytes
+        while self._parked and len(self._inbox) < _INBOX_CAPACITY and self._inbox_bytes < limit:
             state, message_id, body = self._parked.popleft()
+            state.message_bytes -= len(body)
             peer = self._peers.get(state.peer or "")
             if peer is None:
                 continue
@@ -1043,6 +1157,29 @@ class Node:
             if not outgoing.future.done():
                 outgoing.future.set_exception(error)
         peer.unacked.clear()
+        self._release_bytes(peer, peer.unacked_bytes)
+
+    async def _wait_for_unacked_bytes(self, peer: _Peer, size: int) -> None:
+        """Keep at most half of max_peer_buffer unacknowledged (always allowing one message), so a
+        receiver with the same limits never has to cut us off for holding too much of ours."""
+        budget = self._config.limits.max_peer_buffer // 2
+        while peer.unacked_bytes and peer.unacked_bytes + size > budget:
+            waiter = asyncio.get_running_loop().create_future()
+            peer.byte_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            self._check_running()
+
+    @staticmethod
+    def _release_bytes(peer: _Peer, size: int) -> None:
+        peer.unacked_bytes -= size
+        while peer.byte_waiters:
+            waiter = peer.byte_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- requests --------------------------------------------------------------------------------
     def set_request_handler(self, handler: RequestHandler | None) -> None:
@@ -1054,6 +1191,22 @@ class Node:
         target = self._peer_or_raise(peer)
         self._check_running()
         self._check_message_size(target, data)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    return await self._request_on_link(target, data)
+                except _Superseded:
+                    # Its connection lost a duplicate tie-break before the peer served it (the peer
+                    # finishes requests it started on a losing duplicate): send it on the winner.
+                    while target.link is None or not target.link.usable:
+                        self._check_running()
+                        await asyncio.sleep(0.01)
+                    return await self._request_on_link(target, data)
+        except TimeoutError:
+            raise RequestTimeoutError(f"no response from {peer} within {timeout:g}s") from None
+
+    async def _request_on_link(self, target: _Peer, data: bytes) -> bytes:
+        peer = target.name
         state = target.link
         if state is None or not state.usable:
             raise PeerNotConnectedError(f"peer {peer} is not connected")
@@ -1070,14 +1223,12 @@ class Node:
         self._touch(state)
         target.counters.requests_out += 1
         try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            raise RequestTimeoutError(f"no response from {peer} within {timeout:g}s") from None
+            return await future
         finally:
             if state.requests.pop(stream_id, None) is not None and not state.link.terminated:
                 state.quic.stop_stream(stream_id, wire.ErrorCode.NO_ERROR)
                 self._touch(state)
+                self._retired_if_idle(state)
 
     def _response_data(
         self, state: _LinkState, stream_id: int, pending: _PendingRequest, data: bytes, end: bool
@@ -1086,6 +1237,7 @@ class Node:
         if result is None:
             return
         state.requests.pop(stream_id, None)
+        self._retired_if_idle(state)
         status, body = result
         if pending.future.done():
             return
@@ -1101,6 +1253,7 @@ class Node:
         peer = self._peers[state.peer or ""]
         peer.counters.requests_in += 1
         if state.serving >= self._config.limits.max_requests_in_flight:
+            peer.counters.requests_refused += 1
             self._respond(state, stream_id, wire.ResponseStatus.OVERLOADED, b"too many requests in flight")
             return
         state.serving += 1
@@ -1131,6 +1284,7 @@ class Node:
             self._respond(state, stream_id, status, reply)
         finally:
             state.serving -= 1
+            self._retired_if_idle(state)
 
     def _respond(self, state: _LinkState, stream_id: int, status: int, body: bytes) -> None:
         if state.link.terminated or state.closing_reason is not None:
@@ -1147,6 +1301,7 @@ class Node:
     # --- receiving, events, status -----------------------------------------------------------------
     def _deliver(self, item: Received) -> None:
         self._inbox.append(item)
+        self._inbox_bytes += len(item.data)
         while self._inbox_waiters:
             waiter = self._inbox_waiters.popleft()
             if not waiter.done():
@@ -1166,6 +1321,7 @@ class Node:
                 if not waiter.done():
                     waiter.cancel()
         item = self._inbox.popleft()
+        self._inbox_bytes -= len(item.data)
         if self._parked:
             self._unpark()
         return item
