@@ -369,3 +369,23 @@ async def test_a_dial_timing_out_while_its_name_still_resolves_is_dropped_quietl
         del loop.getaddrinfo
         loop.set_exception_handler(None)
     assert errors == []
+
+
+async def test_requests_right_after_connecting_survive_the_duplicate_tie_break(tmp_path: Path) -> None:
+    """Both nodes dial at once, so a duplicate connection is closed just after wait_connected() returns;
+    requests already on it are answered there or sent again on the winner, never failed."""
+    failures = []
+    for attempt in range(4):
+        configs = make_mesh(tmp_path / f"mesh{attempt}", ["alpha", "beta"])
+        alpha, beta = Node(configs["alpha"]), Node(configs["beta"])
+        beta.set_request_handler(lambda peer, data: _echo("beta", data))
+        try:
+            await asyncio.gather(alpha.start(), beta.start())
+            await alpha.wait_connected(timeout=10)
+            results = await asyncio.gather(*(alpha.request("beta", b"%d" % i) for i in range(16)),
+                                           return_exceptions=True)
+            failures += [r for r in results if not isinstance(r, bytes)]
+        finally:
+            await alpha.stop()
+            await beta.stop()
+    assert failures == []
