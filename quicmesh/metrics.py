@@ -24,7 +24,6 @@ _REQUEST_TIMEOUT = 5.0
 _PEER_COUNTERS = (
     ("quicmesh_datagrams_in_total", "datagrams_in", "Datagrams received from the peer."),
     ("quicmesh_datagrams_out_total", "datagrams_out", "Datagrams sent to the peer."),
-    ("quicmesh_datagrams_dropped_total", "datagrams_dropped", "Datagrams dropped (queue full, too big)."),
     ("quicmesh_messages_in_total", "messages_in", "Reliable messages received from the peer."),
     ("quicmesh_messages_out_total", "messages_out", "Reliable messages sent to the peer."),
     ("quicmesh_bytes_in_total", "bytes_in", "Payload bytes received from the peer."),
@@ -34,6 +33,9 @@ _PEER_COUNTERS = (
     ("quicmesh_requests_refused_total", "requests_refused", "Peer's requests refused (in flight or buffer limit)."),
     ("quicmesh_limit_closes_total", "limit_closes", "Connections closed for exceeding limits.max_peer_buffer."),
 )
+
+
+_DATAGRAM_DROP_REASONS = ("queue_full", "disconnected", "inbox_full")
 
 
 def _label(value: object) -> str:
@@ -64,6 +66,8 @@ def _failure_reason(reason: str) -> str:
         return "peer_certificate_rejected"
     if reason.startswith("peer refused"):
         return "refused_by_peer"
+    if reason.startswith("TLS handshake refused"):  # an inbound handshake: its alert may be ours or the client's
+        return "inbound_tls_refused"
     return "other"
 
 
@@ -90,12 +94,16 @@ def render(node: Any, now: float | None = None) -> str:
     for name, field, help_text in _PEER_COUNTERS:
         metric(name, "counter", help_text,
                [(f'{{peer="{_label(p.name)}"}}', int((p.counters or {}).get(field, 0))) for p in peers])
+    metric("quicmesh_datagrams_dropped_total", "counter", "Datagrams to or from the peer dropped, by reason.",
+           [(f'{{peer="{_label(p.name)}",reason="{reason}"}}', int((p.counters or {}).get(f"datagrams_dropped_{reason}", 0)))
+            for p in peers for reason in _DATAGRAM_DROP_REASONS])
     reasons = Counter(_failure_reason(reason) for _, _, reason in getattr(node, "rejections", ()))
     total = int(getattr(node, "rejection_count", 0))
     if total > sum(reasons.values()):  # older entries fell out of the bounded history
         reasons["other"] += total - sum(reasons.values())
     metric("quicmesh_handshake_failures_total", "counter", "Handshakes refused, by reason.",
-           [(f'{{reason="{r}"}}', reasons.get(r, 0)) for r in ("peer_certificate_rejected", "refused_by_peer", "other")])
+           [(f'{{reason="{r}"}}', reasons.get(r, 0)) for r in ("peer_certificate_rejected", "refused_by_peer",
+                                                                 "inbound_tls_refused", "other")])
     guard_status = getattr(node, "guard_status", None)
     guard = guard_status() if callable(guard_status) else None
     if guard is not None:

@@ -88,7 +88,10 @@ class PeerEvent:
 class PeerCounters:
     datagrams_in: int = 0
     datagrams_out: int = 0
-    datagrams_dropped: int = 0
+    datagrams_dropped: int = 0  # the sum of the three reasons below
+    datagrams_dropped_queue_full: int = 0  # outgoing: over limits.datagram_queue
+    datagrams_dropped_disconnected: int = 0  # outgoing: still queued when the connection was lost
+    datagrams_dropped_inbox_full: int = 0  # incoming: the application's inbox was full
     messages_in: int = 0
     messages_out: int = 0
     bytes_in: int = 0
@@ -559,6 +562,7 @@ class Node:
         peer.link = None
         peer.connected_since = None
         peer.counters.datagrams_dropped += len(peer.datagram_queue)
+        peer.counters.datagrams_dropped_disconnected += len(peer.datagram_queue)
         peer.datagram_queue.clear()
         if old is not None:
             self._fail_requests(old, PeerNotConnectedError(f"connection to {peer_name} lost: {reason}"))
@@ -607,7 +611,9 @@ class Node:
             reason = state.closing_reason
         elif QuicErrorCode.CRYPTO_ERROR <= event.error_code < QuicErrorCode.CRYPTO_ERROR + 0x100:
             rejected = True
-            reason = f"peer refused the TLS handshake: {event.reason_phrase or 'no reason given'}"
+            # Dialing, the alert is the peer's; accepting, it may be ours (e.g. no common ALPN) or the client's.
+            who = "peer refused the TLS handshake" if link.dialed else "TLS handshake refused"
+            reason = f"{who}: {event.reason_phrase or 'no reason given'}"
         elif event.error_code == QuicErrorCode.NO_ERROR and event.reason_phrase == "":
             reason = "idle timeout" if event.frame_type is None else "closed by peer"
         else:
@@ -928,6 +934,7 @@ class Node:
             queue.append(frame)
         else:
             counters.datagrams_dropped += 1
+            counters.datagrams_dropped_queue_full += 1
             return
         counters.bytes_out += size
         self._endpoint.touch(state.link)  # type: ignore[union-attr]  # running: the endpoint exists
@@ -1000,6 +1007,7 @@ class Node:
             queue.append(frame)
         else:
             counters.datagrams_dropped += 1
+            counters.datagrams_dropped_queue_full += 1
             return "queue full"
         counters.bytes_out += len(payload)
         self._touch(state)
@@ -1027,6 +1035,7 @@ class Node:
         if len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes:
             self.inbox_dropped += 1
             peer.counters.datagrams_dropped += 1
+            peer.counters.datagrams_dropped_inbox_full += 1
             return
         self._deliver(Received(state.peer, "datagram", payload))
 

@@ -11,6 +11,7 @@ import pytest
 from meshkit import make_mesh, with_limits
 from quicmesh import Node, RemoteError
 from quicmesh.config import Config
+from quicmesh.metrics import render
 
 KIB = 1024
 
@@ -116,7 +117,9 @@ async def test_the_inbox_is_bounded_in_bytes(configs: dict[str, Config]) -> None
             except TimeoutError:
                 break
         assert len(held) == 10  # 10 x 1000 B reach the 10,000 B bound: the rest were dropped
-        assert counters(beta, "alpha")["datagrams_dropped"] == arrived - 10
+        dropped = counters(beta, "alpha")
+        assert dropped["datagrams_dropped"] == dropped["datagrams_dropped_inbox_full"] == arrived - 10
+        assert f'quicmesh_datagrams_dropped_total{{peer="alpha",reason="inbox_full"}} {arrived - 10}' in render(beta)
     finally:
         await alpha.stop()
         await beta.stop()

@@ -316,6 +316,7 @@ async def test_datagram_flood_does_not_starve_messages(mesh3: dict[str, Node]) -
     counters = {peer.name: peer for peer in alpha.peers()}["beta"].counters
     assert counters["datagrams_dropped"] > 0, "the flood must have overrun the bounded queue"
     assert counters["datagrams_out"] + counters["datagrams_dropped"] == sent
+    assert counters["datagrams_dropped_queue_full"] == counters["datagrams_dropped"]
     messages = [item for item in await drain_kind(beta, "message", 100)]
     assert sorted(item.data for item in messages) == sorted(b"m%d" % i for i in range(100))
 
