@@ -36,9 +36,11 @@ log = logging.getLogger("quicmesh.transport")
 Address = tuple[str, int]
 
 #: How many datagrams one readable event may drain before flushing and yielding to the event loop. Small:
-#: a batch's ACKs leave only after it, and late ACKs hold the sender back (measured, interleaved runs of
-#: `quicmesh bench datagram --msgs 200000`: 16 -> 100-108k datagrams/s, 256 -> 55-67k).
-_READ_BATCH = 16
+#: a batch's ACKs leave only after it, and late ACKs hold the sender back. Datagrams: 256 -> 55-67k/s,
+#: 16 -> 100-108k/s. Acked messages: a 64-message window fits in ~7 packets, so with 16 the receiver
+#: took the whole window before acking any of it and sender and receiver worked in turns (uvloop: 16 ->
+#: 9.9-13.9k msgs/s, 8 -> 13.1k, 4 -> 21-23.6k, 2 -> 20.4k, 1 -> 13.4k; datagrams with 4 at least as fast as 16).
+_READ_BATCH = 4
 _SMALLEST_INITIAL = 1200
 
 # UDP generic segmentation offload (Linux >= 4.18): several equal-sized packets to one address leave in ONE

@@ -390,3 +390,26 @@ async def test_requests_right_after_connecting_survive_the_duplicate_tie_break(t
             await alpha.stop()
             await beta.stop()
     assert failures == []
+
+
+async def test_receive_handler_gets_items_as_they_arrive_and_survives_its_own_errors(mesh3: dict[str, Node]) -> None:
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    got: list = []
+
+    def handler(item) -> None:
+        got.append(item)
+        if item.data == b"boom":
+            raise RuntimeError("application bug")
+
+    beta.set_receive_handler(handler)
+    alpha.send_datagram("beta", b"dgram")
+    await alpha.send("beta", b"boom")  # acknowledged although the handler raised
+    await alpha.send("beta", b"after")
+    async with asyncio.timeout(5):
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+    assert sorted((item.kind, item.data) for item in got) == [
+        ("datagram", b"dgram"), ("message", b"after"), ("message", b"boom")]
+    beta.set_receive_handler(None)
+    await alpha.send("beta", b"to recv")
+    assert (await drain(beta, 1))[0].data == b"to recv"

@@ -122,7 +122,6 @@ class QuicmeshImpl:
         self.job = job
         self.receiver = receiver
         self.node: Any = None
-        self._pump: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from quicmesh.config import load_config
@@ -141,27 +140,18 @@ class QuicmeshImpl:
                 return data
 
             self.node.set_request_handler(echo)
-            self._pump = asyncio.ensure_future(self._receive())
+
+            def deliver(item: Any) -> None:  # the receive handler: no task switch per item (docs/API.md)
+                if item.kind == "datagram":
+                    receiver.datagram(item.peer, item.data)
+                else:
+                    receiver.message(item.peer, item.data)
+
+            self.node.set_receive_handler(deliver)
         await self.node.wait_connected(timeout=CONNECT_TIMEOUT)
         # Both ends dial: let the mesh settle which duplicate connection it keeps before traffic starts.
         await asyncio.sleep(SETTLE)
         await self.node.wait_connected(timeout=CONNECT_TIMEOUT)
-
-    async def _receive(self) -> None:
-        from quicmesh.errors import NodeClosedError
-
-        receiver = self.receiver
-        assert receiver is not None
-        recv = self.node.recv
-        while True:
-            try:
-                item = await recv()
-            except NodeClosedError:
-                return
-            if item.kind == "datagram":
-                receiver.datagram(item.peer, item.data)
-            else:
-                receiver.message(item.peer, item.data)
 
     def send_datagram(self, peer: str, payload: bytes) -> None:
         self.node.send_datagram(peer, payload)
@@ -183,8 +173,6 @@ class QuicmeshImpl:
 
     async def close(self) -> None:
         await self.node.stop()
-        if self._pump is not None:
-            self._pump.cancel()
 
 
 def make_impl(job: dict[str, Any], receiver: Receiver | None) -> Any:
