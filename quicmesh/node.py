@@ -9,6 +9,7 @@ connection), the receiver's duplicate filter, counters and the application's inb
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import secrets
@@ -62,7 +63,7 @@ _INBOX_CAPACITY = 8192
 _EVENT_QUEUE_CAPACITY = 1024
 _REASON_LIMIT = 512
 
-RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+RequestHandler = Callable[[str, bytes], Awaitable[bytes] | bytes]
 ReceiveHandler = Callable[["Received"], None]
 
 
@@ -1195,7 +1196,9 @@ class Node:
 
     # --- requests --------------------------------------------------------------------------------
     def set_request_handler(self, handler: RequestHandler | None) -> None:
-        """Install ``async def handler(peer, data) -> bytes``; its exceptions reach the caller as RemoteError."""
+        """Install ``async def handler(peer, data) -> bytes`` (each request runs as a task), or a plain
+        ``def handler(peer, data) -> bytes``, answered at once without a task (quicker, must not block).
+        Its exceptions reach the caller as RemoteError."""
         self._request_handler = handler
 
     async def request(self, peer: str, data: bytes, timeout: float = 5.0) -> bytes:
@@ -1268,35 +1271,50 @@ class Node:
             peer.counters.requests_refused += 1
             self._respond(state, stream_id, wire.ResponseStatus.OVERLOADED, b"too many requests in flight")
             return
-        state.serving += 1
-        self._spawn(self._serve(state, stream_id, body))
-
-    async def _serve(self, state: _LinkState, stream_id: int, body: bytes) -> None:
         handler = self._request_handler
+        if handler is None:
+            self._respond(state, stream_id, wire.ResponseStatus.NO_HANDLER, b"peer has no request handler")
+            return
         try:
-            if handler is None:
-                status, reply = wire.ResponseStatus.NO_HANDLER, b"peer has no request handler"
-            else:
-                try:
-                    result = await handler(state.peer or "", body)
-                    if not isinstance(result, (bytes, bytearray, memoryview)):
-                        raise TypeError(f"request handler returned {type(result).__name__}, not bytes")
-                    status, reply = wire.ResponseStatus.OK, bytes(result)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - the caller gets it as RemoteError
-                    log.info("request handler failed for %s: %r", state.peer, error)
-                    status = wire.ResponseStatus.HANDLER_ERROR
-                    reply = f"{type(error).__name__}: {error}".encode()[:_REASON_LIMIT]
-            peer_limit = state.hello.max_message_size if state.hello else self._config.limits.max_message_size
-            if len(reply) > peer_limit:
-                status, reply = wire.ResponseStatus.TOO_LARGE, (
-                    f"response of {len(reply)} bytes exceeds max_message_size ({peer_limit} bytes)".encode()
-                )
-            self._respond(state, stream_id, status, reply)
+            result = handler(state.peer or "", body)
+        except Exception as error:  # noqa: BLE001 - the caller gets it as RemoteError
+            self._answer(state, stream_id, error)
+            return
+        if inspect.isawaitable(result):
+            state.serving += 1
+            self._spawn(self._serve(state, stream_id, result))
+        else:  # a plain function: answered at once, no task
+            self._answer(state, stream_id, result)
+
+    async def _serve(self, state: _LinkState, stream_id: int, pending: Awaitable[Any]) -> None:
+        try:
+            try:
+                result = await pending
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the caller gets it as RemoteError
+                result = error
+            self._answer(state, stream_id, result)
         finally:
             state.serving -= 1
             self._retired_if_idle(state)
+
+    def _answer(self, state: _LinkState, stream_id: int, result: object) -> None:
+        """Respond with what the request handler returned or raised."""
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            status, reply = wire.ResponseStatus.OK, bytes(result)
+        else:
+            error = result if isinstance(result, Exception) else TypeError(
+                f"request handler returned {type(result).__name__}, not bytes")
+            log.info("request handler failed for %s: %r", state.peer, error)
+            status = wire.ResponseStatus.HANDLER_ERROR
+            reply = f"{type(error).__name__}: {error}".encode()[:_REASON_LIMIT]
+        peer_limit = state.hello.max_message_size if state.hello else self._config.limits.max_message_size
+        if len(reply) > peer_limit:
+            status, reply = wire.ResponseStatus.TOO_LARGE, (
+                f"response of {len(reply)} bytes exceeds max_message_size ({peer_limit} bytes)".encode()
+            )
+        self._respond(state, stream_id, status, reply)
 
     def _respond(self, state: _LinkState, stream_id: int, status: int, body: bytes) -> None:
         if state.link.terminated or state.closing_reason is not None:

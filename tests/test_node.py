@@ -413,3 +413,19 @@ async def test_receive_handler_gets_items_as_they_arrive_and_survives_its_own_er
     beta.set_receive_handler(None)
     await alpha.send("beta", b"to recv")
     assert (await drain(beta, 1))[0].data == b"to recv"
+
+
+async def test_a_plain_function_request_handler_is_answered_and_its_errors_reported(mesh3: dict[str, Node]) -> None:
+    def handler(peer: str, data: bytes) -> bytes:
+        if data == b"fail":
+            raise ValueError("no thanks")
+        if data == b"wrong":
+            return "not bytes"  # type: ignore[return-value]
+        return peer.encode() + b":" + data
+
+    mesh3["beta"].set_request_handler(handler)
+    assert await mesh3["alpha"].request("beta", b"hi") == b"alpha:hi"
+    with pytest.raises(RemoteError, match="ValueError: no thanks"):
+        await mesh3["alpha"].request("beta", b"fail")
+    with pytest.raises(RemoteError, match="returned str, not bytes"):
+        await mesh3["alpha"].request("beta", b"wrong")

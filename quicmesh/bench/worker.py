@@ -135,7 +135,7 @@ class QuicmeshImpl:
         if self.receiver is not None:
             receiver = self.receiver
 
-            async def echo(peer: str, data: bytes) -> bytes:
+            def echo(peer: str, data: bytes) -> bytes:  # a plain handler: answered without a task
                 receiver.message(peer, data)
                 return data
 
