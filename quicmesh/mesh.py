@@ -13,6 +13,7 @@ Per-peer state machine (the state is derived from the fields, see ``_Peer.state`
 from         event                                        to           actions
 ===========  ===========================================  ===========  ===============================
 IDLE         poll, due (at start; when added by reload)   CONNECTING   Dial
+IDLE         first poll, the peer's name sorts first      IDLE         - (due keepalive x U[0.5, 1] later)
 BACKOFF      poll, retry due                              CONNECTING   Dial
 REJECTED     poll, retry due                              CONNECTING   Dial
 CONNECTING   dial_started (records the pending dial)      CONNECTING   -
@@ -27,7 +28,8 @@ CONNECTED    connection_ready, same epoch, old wins       CONNECTED    Close(new
 CONNECTED    active lost                                  BACKOFF      PeerDown (failure n = 1)
 CONNECTED    active lost, rejected=True                   REJECTED     PeerDown (failure n = 1)
 CONNECTED    no packet for dead_after                     BACKOFF      Close(PEER_UNRESPONSIVE), PeerDown
-CONNECTED    nothing heard or pinged for keepalive        CONNECTED    Ping
+CONNECTED    quiet for keepalive (we dialed it), or for   CONNECTED    Ping
+             (keepalive + dead_after) / 2 (the peer did)
 any          removed by set_peers                         (forgotten)  Close(NOT_CONFIGURED) [+PeerDown]
 ===========  ===========================================  ===========  ===============================
 
@@ -162,6 +164,7 @@ class _Conn:
 class _Peer:
     name: str
     next_dial_at: float = -math.inf  # -inf: due at the first poll
+    yields_first: bool = False  # its dial would lose the tie-break: give the peer's a head start
     active: int | None = None
     pending: int | None = None  # conn_id of our dial in progress
     dial_requested_at: float | None = None  # Dial emitted, dial_started not reported yet
@@ -193,7 +196,9 @@ class PeerManager:
         self.local_name = local_name
         self._timers = timers
         self._rng = rng if rng is not None else random.Random()
-        self._peers: dict[str, _Peer] = {name: _Peer(name) for name in peers if name != local_name}
+        self._peers: dict[str, _Peer] = {
+            name: _Peer(name, yields_first=name < local_name) for name in peers if name != local_name
+        }
         self._conns: dict[int, _Conn] = {}
         self._closed: set[int] = set()  # closed by an action, connection_lost not reported yet
         self._deferred: list[tuple[float, Close]] = []  # Closes for dials no peer wants any more
@@ -348,7 +353,7 @@ class PeerManager:
                     p.connected_since = None
                     p.failures = 0
                     self._fail(p, reason, now, False)
-                elif now >= max(conn.last_heard, conn.last_ping) + t.keepalive:
+                elif now >= max(conn.last_heard, conn.last_ping) + self._ping_interval(conn):
                     conn.last_ping = now
                     actions.append(Ping(conn.conn_id))
             if p.pending is not None and now >= self._conns[p.pending].started + t.handshake_timeout:
@@ -360,6 +365,12 @@ class PeerManager:
                 p.dial_requested_at = None
                 if p.active is None:
                     self._fail(p, f"dial did not start within {t.handshake_timeout:.1f}s", now, False)
+            if p.state in _MAY_DIAL and now >= p.next_dial_at and p.yields_first:
+                # At start, the peer whose name sorts first dials: its connection is the one both keep.
+                # Ours follows only if it has not arrived by then (that peer may be down): half the
+                # handshakes when a whole mesh starts at once.
+                p.yields_first = False
+                p.next_dial_at = now + t.keepalive * self._rng.uniform(0.5, 1.0)
             if p.state in _MAY_DIAL and now >= p.next_dial_at:
                 p.dial_requested_at = now
                 actions.append(Dial(p.name))
@@ -376,7 +387,7 @@ class PeerManager:
         for conn in self._conns.values():
             if conn.role is _Role.ACTIVE:
                 times.append(conn.last_heard + t.dead_after)
-                times.append(max(conn.last_heard, conn.last_ping) + t.keepalive)
+                times.append(max(conn.last_heard, conn.last_ping) + self._ping_interval(conn))
             else:
                 times.append(conn.started + t.handshake_timeout)
         for p in self._peers.values():
@@ -420,6 +431,12 @@ class PeerManager:
         p.connected_since = now
         p.failures = 0
         p.rejected = False
+
+    def _ping_interval(self, conn: _Conn) -> float:
+        """The dialer pings a quiet connection every keepalive; the other side only if those pings stop
+        (halfway to dead_after), so an idle connection costs one PING and one ACK per keepalive, not two."""
+        t = self._timers
+        return t.keepalive if conn.dialed_by_us else (t.keepalive + t.dead_after) / 2
 
     def _dialer(self, conn: _Conn, peer: str) -> str:
         return self.local_name if conn.dialed_by_us else peer

@@ -259,7 +259,8 @@ class Node:
         self._request_handler: RequestHandler | None = None
         self._receive_handler: ReceiveHandler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._mesh_timer: asyncio.TimerHandle | None = None
+        self._mesh_timer: asyncio.Handle | None = None
+        self._mesh_timer_at = 0.0  # its deadline: uvloop returns a plain Handle, without when(), for a past one
         self._endpoint: Endpoint | None = None
         self._mesh: PeerManager | None = None
         self._trust: identity.TrustPolicy | None = None
@@ -367,8 +368,10 @@ class Node:
         await asyncio.sleep(0.01)
         for state in list(self._links.values()):
             self._close_link(state, wire.ErrorCode.SHUTDOWN, reason)
+        # Wait (bounded) for those closes to go out; not for the refusals of handshakes begun since.
+        closing = self._endpoint.links()
         deadline = asyncio.get_running_loop().time() + 1.0
-        while self._endpoint.links() and asyncio.get_running_loop().time() < deadline:
+        while any(not link.terminated for link in closing) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         for task in list(self._tasks):
             task.cancel()
@@ -492,12 +495,13 @@ class Node:
         if deadline is not None:  # coalesce: one tick serves every peer whose deadline falls in the same slot
             deadline = -(-deadline // _MESH_TICK_SLOT) * _MESH_TICK_SLOT
         if self._mesh_timer is not None:
-            if deadline is not None and abs(self._mesh_timer.when() - deadline) < 1e-4:
+            if deadline is not None and abs(self._mesh_timer_at - deadline) < 1e-4:
                 return
             self._mesh_timer.cancel()
             self._mesh_timer = None
         if deadline is not None:
             self._mesh_timer = asyncio.get_running_loop().call_at(deadline, self._mesh_tick)
+            self._mesh_timer_at = deadline
 
     def _dial(self, peer_name: str) -> None:
         assert self._endpoint is not None and self._mesh is not None

@@ -143,14 +143,15 @@ def test_simultaneous_dials_keep_the_same_connection_on_both_sides(order) -> Non
     """X is dialed by a, Y by b; whatever order the four ready events arrive in, both keep X."""
     net = Net(["a", "b"])
     net.apply("a", net.nodes["a"].poll(0.0))
-    net.apply("b", net.nodes["b"].poll(0.0))
+    assert net.nodes["b"].poll(0.0) == []  # b gives a's dial a head start, then dials anyway
+    net.apply("b", net.nodes["b"].poll(1.0))
     x, y = 1, 2
     assert net.links == {x: ("a", "b"), y: ("b", "a")}
     for node, name in order:
         link, other = (x if name == "X" else y), ("b" if node == "a" else "a")
         dialed_by_us = (link == x) == (node == "a")
         net.apply(node, net.nodes[node].connection_ready(
-            other, link, dialed_by_us=dialed_by_us, peer_epoch=net.epoch[other], now=0.1))
+            other, link, dialed_by_us=dialed_by_us, peer_epoch=net.epoch[other], now=1.1))
     closes = [(node, a.conn_id, a.code) for node, a in net.events if isinstance(a, Close)]
     assert sorted(closes) == [("a", y, ErrorCode.DUPLICATE_CONNECTION), ("b", y, ErrorCode.DUPLICATE_CONNECTION)]
     net.deliver_closes()
@@ -159,17 +160,31 @@ def test_simultaneous_dials_keep_the_same_connection_on_both_sides(order) -> Non
     assert not [e for e in net.events if isinstance(e[1], PeerDown)]
 
 
+def test_at_start_the_node_that_would_lose_the_tie_break_lets_the_other_dial_first() -> None:
+    m = manager(local="b", peers=("a", "c"))
+    assert m.poll(0.0) == [Dial("c")]  # b < c: b's dial is the one both keep
+    deadline = m.next_deadline()
+    assert deadline is not None and 0.5 <= deadline <= 1.0  # a's head start: keepalive x U[0.5, 1]
+    m.inbound_started(7, 0.2)
+    assert m.connection_ready("a", 7, dialed_by_us=False, peer_epoch=1, now=0.3) == [PeerUp("a", 7)]
+    assert m.poll(1.0) == []  # a's connection came: b never dials a
+    other = manager(local="b", peers=("a",))
+    assert other.poll(0.0) == []
+    assert other.poll(1.0) == [Dial("a")]  # a did not dial (down, or slow): b does
+
+
 def test_duplicate_loser_is_closed_when_the_winner_is_already_active() -> None:
     m = manager(local="b", peers=("a",))
-    connect(m, "a", 1, 0.0)  # b dialed: loses to a connection a dials
-    m.inbound_started(2, 0.0)
-    assert m.connection_ready("a", 2, dialed_by_us=False, peer_epoch=1, now=0.1) == [
+    assert m.poll(0.0) == []  # a's head start
+    connect(m, "a", 1, 1.0)  # b dialed: loses to a connection a dials
+    m.inbound_started(2, 1.0)
+    assert m.connection_ready("a", 2, dialed_by_us=False, peer_epoch=1, now=1.1) == [
         PeerUp("a", 2),
         Close(1, ErrorCode.DUPLICATE_CONNECTION, "duplicate connection: kept the one a dialed"),
     ]
-    assert m.view("a", 0.1).connected_since == 0.0  # same peer process: no reconnect shown
-    m.inbound_started(3, 0.2)  # another one from a: the existing one stays
-    assert m.connection_ready("a", 3, dialed_by_us=False, peer_epoch=1, now=0.2) == [
+    assert m.view("a", 1.1).connected_since == 1.0  # same peer process: no reconnect shown
+    m.inbound_started(3, 1.2)  # another one from a: the existing one stays
+    assert m.connection_ready("a", 3, dialed_by_us=False, peer_epoch=1, now=1.2) == [
         Close(3, ErrorCode.DUPLICATE_CONNECTION, "duplicate connection: kept the existing one")
     ]
     assert m.active_conn("a") == 2
@@ -204,6 +219,17 @@ def test_keepalive_pings_only_quiet_connections() -> None:
     for t in (13.0, 13.4, 13.8, 14.2):  # steady traffic: no pings at all
         m.heard_from(1, t)
         assert m.poll(t + 0.1) == []
+
+
+def test_only_the_dialer_pings_while_the_other_side_hears_it() -> None:
+    m = manager()
+    m.inbound_started(7, 10.0)
+    assert m.connection_ready("b", 7, dialed_by_us=False, peer_epoch=1, now=10.0) == [PeerUp("b", 7)]
+    assert m.poll(11.0) == []  # the peer dialed: its pings keep the connection alive
+    assert m.next_deadline() == 12.0  # halfway between keepalive (1 s) and dead_after (3 s)
+    m.heard_from(7, 11.0)  # the peer's ping
+    assert m.poll(12.0) == [] and m.next_deadline() == 13.0
+    assert m.poll(13.0) == [Ping(7)]  # its pings stopped: ours keep the connection checked
 
 
 def test_dead_connection_is_closed_at_exactly_dead_after() -> None:
@@ -291,12 +317,13 @@ def test_rejected_peer_waits_backoff_max_and_is_retried() -> None:
 
 def test_lost_pending_dial_while_connected_is_no_failure() -> None:
     m = manager(local="b", peers=("a",))
-    assert m.poll(0.0) == [Dial("a")]
-    m.dial_started("a", 1, 0.0)
-    m.inbound_started(2, 0.0)
-    assert m.connection_ready("a", 2, dialed_by_us=False, peer_epoch=1, now=0.1) == [PeerUp("a", 2)]
-    assert m.connection_lost(1, "closed by peer", 0.2) == []
-    view = m.view("a", 0.2)
+    assert m.poll(0.0) == []
+    assert m.poll(1.0) == [Dial("a")]
+    m.dial_started("a", 1, 1.0)
+    m.inbound_started(2, 1.0)
+    assert m.connection_ready("a", 2, dialed_by_us=False, peer_epoch=1, now=1.1) == [PeerUp("a", 2)]
+    assert m.connection_lost(1, "closed by peer", 1.2) == []
+    view = m.view("a", 1.2)
     assert (view.state, view.consecutive_failures, view.last_error) == (PeerState.CONNECTED, 0, None)
 
 

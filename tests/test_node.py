@@ -372,24 +372,50 @@ async def test_a_dial_timing_out_while_its_name_still_resolves_is_dropped_quietl
     assert errors == []
 
 
-async def test_requests_right_after_connecting_survive_the_duplicate_tie_break(tmp_path: Path) -> None:
-    """Both nodes dial at once, so a duplicate connection is closed just after wait_connected() returns;
-    requests already on it are answered there or sent again on the winner, never failed."""
-    failures = []
-    for attempt in range(4):
-        configs = make_mesh(tmp_path / f"mesh{attempt}", ["alpha", "beta"])
-        alpha, beta = Node(configs["alpha"]), Node(configs["beta"])
-        beta.set_request_handler(lambda peer, data: _echo("beta", data))
-        try:
-            await asyncio.gather(alpha.start(), beta.start())
-            await alpha.wait_connected(timeout=10)
-            results = await asyncio.gather(*(alpha.request("beta", b"%d" % i) for i in range(16)),
-                                           return_exceptions=True)
-            failures += [r for r in results if not isinstance(r, bytes)]
-        finally:
-            await alpha.stop()
-            await beta.stop()
-    assert failures == []
+async def test_requests_on_a_duplicate_that_loses_the_tie_break_are_answered_once(tmp_path: Path) -> None:
+    """alpha's own dial (the one both keep) is held up, so beta's becomes the connection first and carries
+    alpha's requests; when alpha's dial gets through, both swap to it: the requests already running on the
+    loser are answered there, each handled exactly once, none failed."""
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    relay = UdpRelay(("127.0.0.1", configs["beta"].node.listen.port))
+    port = await relay.start()
+    relay.cut = True
+    via_relay = dataclasses.replace(configs["alpha"].peers[0], address=Address("127.0.0.1", port))
+    alpha = Node(dataclasses.replace(configs["alpha"], peers=(via_relay,)))
+    beta = Node(configs["beta"])
+    handled: Counter[bytes] = Counter()
+
+    async def slow_echo(peer: str, data: bytes) -> bytes:
+        handled[data] += 1
+        await asyncio.sleep(0.5)
+        return data
+
+    beta.set_request_handler(slow_echo)
+    try:
+        await alpha.start()
+        await beta.start()
+        await alpha.wait_connected(timeout=10)  # over beta's dial: alpha's is cut off
+        requests = [asyncio.ensure_future(alpha.request("beta", b"%d" % i, timeout=10)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        relay.cut = False  # alpha's dial gets through at its next Initial and wins the tie-break
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        assert results == [b"%d" % i for i in range(8)]
+        assert set(handled.values()) == {1} and len(handled) == 8
+        async with asyncio.timeout(10):  # both ends settle on alpha's dial, through the relay
+            while beta.peers()[0].remote_address is None or not beta.peers()[0].remote_address.endswith(
+                    f":{relay_port(relay)}"):
+                await asyncio.sleep(0.05)
+    finally:
+        await alpha.stop()
+        await beta.stop()
+        relay.close()
+
+
+def relay_port(relay: UdpRelay) -> int:
+    """The port beta sees alpha's relayed packets come from (the relay's upstream socket)."""
+    upstream = next(iter(relay._upstreams.values()))
+    assert upstream.transport is not None
+    return upstream.transport.get_extra_info("sockname")[1]
 
 
 async def test_receive_handler_gets_items_as_they_arrive_and_survives_its_own_errors(mesh3: dict[str, Node]) -> None:
