@@ -1,0 +1,44 @@
+"""Coverage-guided fuzzing of every wire decoder with atheris (libFuzzer): any bytes, split anywhere,
+may raise only ProtocolError. Run by tests/test_wire_atheris.py; by hand for longer:
+
+    python tests/fuzz/wire_atheris.py -max_total_time=600
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from quicmesh import wire
+    from quicmesh.errors import ProtocolError
+
+
+def one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    target = fdp.ConsumeIntInRange(0, 5)
+    cut = fdp.ConsumeIntInRange(0, 64)
+    end = fdp.ConsumeBool()
+    payload = fdp.ConsumeBytes(fdp.remaining_bytes())
+    chunks = [payload[:cut], payload[cut:]]
+    try:
+        if target == 0:
+            wire.decode_datagram(payload)
+        elif target == 1:
+            wire.read_stream_type(payload, bidirectional=end)
+        elif target == 2:
+            decoder = wire.ControlDecoder()
+            for chunk in chunks:
+                decoder.feed(chunk)
+        else:
+            decoder = (wire.MessageDecoder, wire.RequestDecoder, wire.ResponseDecoder)[target - 3](4096)
+            decoder.feed(chunks[0], False)
+            decoder.feed(chunks[1], end)
+    except ProtocolError:
+        pass
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
