@@ -493,6 +493,8 @@ class Node:
             return
         deadline = self._mesh.next_deadline()
         if deadline is not None:  # coalesce: one tick serves every peer whose deadline falls in the same slot
+            # (-inf, "at once", would make the rounding NaN: the next slot from now instead)
+            deadline = max(deadline, self._now())
             deadline = -(-deadline // _MESH_TICK_SLOT) * _MESH_TICK_SLOT
         if self._mesh_timer is not None:
             if deadline is not None and abs(self._mesh_timer_at - deadline) < 1e-4:

@@ -173,6 +173,21 @@ def test_at_start_the_node_that_would_lose_the_tie_break_lets_the_other_dial_fir
     assert other.poll(1.0) == [Dial("a")]  # a did not dial (down, or slow): b does
 
 
+def test_at_most_eight_dials_are_in_flight_at_once() -> None:
+    peers = tuple(f"p{i:02d}" for i in range(20))
+    m = manager(local="a", peers=peers)  # "a" sorts first: no head start, every peer is due at once
+    first = m.poll(0.0)
+    assert first == [Dial(name) for name in peers[:8]]
+    assert m.next_deadline() == 5.0  # the others wait for a dial to end: at the latest, its timeout
+    for i, action in enumerate(first):
+        m.dial_started(action.peer, i + 1, 0.0)
+    assert m.poll(0.1) == []
+    assert m.connection_ready("p00", 1, dialed_by_us=True, peer_epoch=1, now=0.2) == [PeerUp("p00", 1)]
+    assert m.poll(0.2) == [Dial("p08")]  # one ended: one more starts
+    m.connection_lost(2, "refused", 0.3)
+    assert m.poll(0.3) == [Dial("p09")]
+
+
 def test_duplicate_loser_is_closed_when_the_winner_is_already_active() -> None:
     m = manager(local="b", peers=("a",))
     assert m.poll(0.0) == []  # a's head start
