@@ -90,7 +90,6 @@ class PeerEvent:
 class PeerCounters:
     datagrams_in: int = 0
     datagrams_out: int = 0
-    datagrams_dropped: int = 0  # the sum of the three reasons below
     datagrams_dropped_queue_full: int = 0  # outgoing: over limits.datagram_queue
     datagrams_dropped_disconnected: int = 0  # outgoing: still queued when the connection was lost
     datagrams_dropped_inbox_full: int = 0  # incoming: the application's inbox was full
@@ -102,6 +101,14 @@ class PeerCounters:
     requests_out: int = 0
     limit_closes: int = 0  # connections closed for buffering more than limits.max_peer_buffer
     requests_refused: int = 0  # requests refused: over max_requests_in_flight or max_peer_buffer
+
+    def to_dict(self) -> dict[str, int]:
+        """Every counter, plus ``datagrams_dropped``: the total over the three drop reasons."""
+        counters = asdict(self)
+        counters["datagrams_dropped"] = (
+            self.datagrams_dropped_queue_full + self.datagrams_dropped_disconnected + self.datagrams_dropped_inbox_full
+        )
+        return counters
 
 
 @dataclass(frozen=True)
@@ -570,7 +577,6 @@ class Node:
         old = peer.link
         peer.link = None
         peer.connected_since = None
-        peer.counters.datagrams_dropped += len(peer.datagram_queue)
         peer.counters.datagrams_dropped_disconnected += len(peer.datagram_queue)
         peer.datagram_queue.clear()
         if old is not None:
@@ -942,7 +948,6 @@ class Node:
         elif len(queue) < self._config.limits.datagram_queue:
             queue.append(frame)
         else:
-            counters.datagrams_dropped += 1
             counters.datagrams_dropped_queue_full += 1
             return
         counters.bytes_out += size
@@ -1015,7 +1020,6 @@ class Node:
         elif len(queue) < self._config.limits.datagram_queue:
             queue.append(frame)
         else:
-            counters.datagrams_dropped += 1
             counters.datagrams_dropped_queue_full += 1
             return "queue full"
         counters.bytes_out += len(payload)
@@ -1041,9 +1045,8 @@ class Node:
         peer = self._peers[state.peer]
         peer.counters.datagrams_in += 1
         peer.counters.bytes_in += len(payload)
-        if len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes:
+        if self._inbox_full():
             self.inbox_dropped += 1
-            peer.counters.datagrams_dropped += 1
             peer.counters.datagrams_dropped_inbox_full += 1
             return
         self._deliver(Received(state.peer, "datagram", payload))
@@ -1141,7 +1144,7 @@ class Node:
             if message_id not in peer.parked_ids:
                 state.pending_acks.append(message_id)  # our earlier ack was lost: ack again
             return
-        if len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes:
+        if self._inbox_full():
             # The application is behind: hold the message unacknowledged, so the sender's window
             # fills and it slows down, instead of dropping it or growing without bound.
             peer.parked_ids.add(message_id)
@@ -1159,8 +1162,7 @@ class Node:
         self._deliver(Received(peer.name, "message", body))
 
     def _unpark(self) -> None:
-        limit = self._config.limits.max_inbox_bytes
-        while self._parked and len(self._inbox) < _INBOX_CAPACITY and self._inbox_bytes < limit:
+        while self._parked and not self._inbox_full():
             state, message_id, body = self._parked.popleft()
             state.message_bytes -= len(body)
             peer = self._peers.get(state.peer or "")
@@ -1183,13 +1185,7 @@ class Node:
         receiver with the same limits never has to cut us off for holding too much of ours."""
         budget = self._config.limits.max_peer_buffer // 2
         while peer.unacked_bytes and peer.unacked_bytes + size > budget:
-            waiter = asyncio.get_running_loop().create_future()
-            peer.byte_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            await _woken_from(peer.byte_waiters)
             self._check_running()
 
     @staticmethod
@@ -1335,6 +1331,9 @@ class Node:
         state.requests.clear()
 
     # --- receiving, events, status -----------------------------------------------------------------
+    def _inbox_full(self) -> bool:
+        return len(self._inbox) >= _INBOX_CAPACITY or self._inbox_bytes >= self._config.limits.max_inbox_bytes
+
     def set_receive_handler(self, handler: ReceiveHandler | None) -> None:
         """Hand each datagram and message to ``handler(item)`` the moment it arrives, instead of to recv().
 
@@ -1366,13 +1365,7 @@ class Node:
         while not self._inbox:
             if self._state in ("stopping", "stopped"):
                 raise NodeClosedError(f"node {self.name} stopped")
-            waiter = asyncio.get_running_loop().create_future()
-            self._inbox_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            await _woken_from(self._inbox_waiters)
         item = self._inbox.popleft()
         self._inbox_bytes -= len(item.data)
         if self._parked:
@@ -1439,7 +1432,7 @@ class Node:
                     fingerprint=peer.fingerprint,
                     last_error=view.last_error if view is not None else None,
                     next_retry=view.next_retry_in if view is not None else None,
-                    counters=asdict(peer.counters),
+                    counters=peer.counters.to_dict(),
                 )
             )
         return statuses
@@ -1511,6 +1504,17 @@ class Node:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("internal task failed", exc_info=task.exception())
+
+
+async def _woken_from(waiters: deque[asyncio.Future[None]]) -> None:
+    """Wait until whoever owns ``waiters`` sets our future (a cancelled wait leaves a done one behind)."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    finally:
+        if not waiter.done():
+            waiter.cancel()
 
 
 def _mesh_timers(config: Config) -> MeshTimers:

@@ -12,6 +12,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
 from quicmesh.demo import free_udp_ports
+from quicmesh.node import Node
 
 
 def make_mesh(
@@ -34,6 +35,16 @@ def make_mesh(
             config = with_timers(config, keepalive=0.2, dead_after=1.0, backoff_min=0.05, backoff_max=0.5)
         configs[name] = config
     return configs
+
+
+async def wait_rejection(node: Node, needle: str, timeout: float = 5.0) -> str:
+    """The first handshake rejection recorded by ``node`` whose reason contains ``needle``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for _, _, reason in node.rejections:
+                if needle in reason:
+                    return reason
+            await asyncio.sleep(0.02)
 
 
 def with_timers(config: Config, **timers: float) -> Config:

@@ -18,7 +18,7 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
 
-from meshkit import make_mesh, with_timers
+from meshkit import make_mesh, wait_rejection, with_timers
 from pki.authority import CertificateAuthority
 from quicmesh import Node
 from quicmesh.config import Config
@@ -76,15 +76,6 @@ async def dial_with_qh3(node: Node, configuration: QuicConfiguration) -> Outcome
                 protocol.handshake.result() if protocol.handshake.done() else None,
                 protocol.terminated.result() if protocol.terminated.done() else None,
             )
-
-
-async def wait_rejection(node: Node, needle: str, timeout: float = 5.0) -> str:
-    async with asyncio.timeout(timeout):
-        while True:
-            for _, _, reason in node.rejections:
-                if needle in reason:
-                    return reason
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

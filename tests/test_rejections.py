@@ -14,7 +14,7 @@ import pytest
 from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
 
-from meshkit import TerminationWatch, make_mesh
+from meshkit import TerminationWatch, make_mesh, wait_rejection
 from pki.authority import CertificateAuthority, issue_node_cert
 from quicmesh import Node
 from quicmesh.config import Config
@@ -37,15 +37,6 @@ async def raw_client_refused(node: Node, ca_path: Path, cert_dir: Path | None) -
                 return event.reason_phrase
         except ConnectionError as error:
             return str(error)
-
-
-async def wait_rejection(node: Node, needle: str, timeout: float = 5.0) -> str:
-    async with asyncio.timeout(timeout):
-        while True:
-            for _, _, reason in node.rejections:
-                if needle in reason:
-                    return reason
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture
