@@ -14,7 +14,7 @@ stream (:func:`encode_message`, :func:`encode_request`) include it. A response h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import ClassVar, Union
 
 from .errors import ProtocolError
@@ -59,6 +59,17 @@ class DatagramKind(IntEnum):
     APP = 0x00
     FORWARD = 0x01  # forwarding node -> exposing node: to service ``service_id`` (the exposing node's id)
     FORWARD_REPLY = 0x02  # exposing node -> forwarding node: the service's reply on flow ``flow_id``
+    BATCH = 0x03  # several of the above in one QUIC DATAGRAM frame, each behind its length
+
+
+class Feature(IntFlag):
+    """Bits of ``Hello.features``: what the sender of the Hello accepts beyond the base protocol."""
+
+    DATAGRAM_BATCH = 0x1  # BATCH datagrams
+
+
+#: What this implementation accepts (sent in its Hello); unknown bits from a peer are ignored.
+FEATURES = Feature.DATAGRAM_BATCH
 
 
 class StreamType(IntEnum):
@@ -189,6 +200,70 @@ def decode_datagram(data: bytes) -> tuple[int, bytes] | tuple[int, int, int, byt
         flow_id = reader.varint()
         return DatagramKind(kind), service_id, flow_id, bytes(reader.rest())
     raise ProtocolError(f"unknown datagram kind 0x{kind:02x}", code=ErrorCode.PROTOCOL_VIOLATION)
+
+
+_BATCH_PREFIX = bytes((DatagramKind.BATCH,))
+
+
+_APP_ENTRY_HEADERS: dict[int, bytes] = {}  # payload size -> length + kind byte (sizes are bounded by the limits)
+
+
+def batch_entry(datagram: bytes) -> bytes:
+    """``datagram`` (a complete APP/FORWARD/FORWARD_REPLY datagram) as it sits inside a BATCH: length, then it."""
+    return encode_varint(len(datagram)) + datagram
+
+
+def app_batch_entry(payload: bytes) -> bytes:
+    """``batch_entry(encode_app_datagram(payload))`` in one concatenation: the send hot path queues these."""
+    size = len(payload)
+    header = _APP_ENTRY_HEADERS.get(size)
+    if header is None:
+        header = _APP_ENTRY_HEADERS[size] = encode_varint(size + 1) + _APP_PREFIX
+    return header + payload
+
+
+def unbatch_entry(entry: bytes) -> bytes:
+    """The datagram inside a batch entry (to send it on its own)."""
+    return entry[1 << (entry[0] >> 6) :]
+
+
+def encode_datagram_batch(entries: list[bytes]) -> bytes:
+    """One BATCH datagram of ``entries`` (from batch_entry / app_batch_entry).
+
+    Datagrams in one QUIC packet are lost together anyway; one frame for all of them saves the per-frame
+    work on both ends (the sender packs while it flushes; see quicmesh.node).
+    """
+    return _BATCH_PREFIX + b"".join(entries)
+
+
+def decode_datagram_batch(data: bytes) -> list[bytes]:
+    """The datagrams inside a BATCH datagram; each is non-empty and not itself a BATCH."""
+    if data[:1] != _BATCH_PREFIX:
+        raise ProtocolError("not a batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
+    datagrams = []
+    pos = 1
+    end = len(data)
+    while pos < end:
+        size = data[pos]
+        if size < 0x40:  # the common one- and two-byte lengths, inline
+            pos += 1
+        elif size < 0x80 and pos + 1 < end:
+            size = (size & 0x3F) << 8 | data[pos + 1]
+            pos += 2
+        else:
+            parsed = decode_varint(data, pos)
+            if parsed is None:
+                raise ProtocolError("truncated batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
+            size, pos = parsed
+        if size == 0 or pos + size > end:
+            raise ProtocolError(f"bad batch entry of {size} bytes", code=ErrorCode.PROTOCOL_VIOLATION)
+        if data[pos] == DatagramKind.BATCH:
+            raise ProtocolError("batch datagram inside a batch", code=ErrorCode.PROTOCOL_VIOLATION)
+        datagrams.append(data[pos : pos + size])
+        pos += size
+    if not datagrams:
+        raise ProtocolError("empty batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
+    return datagrams
 
 
 # --- stream type ------------------------------------------------------------------------------
@@ -386,16 +461,20 @@ class Hello:
     epoch: int  # random per node process: a new epoch means the peer restarted
     max_message_size: int  # largest message/request/response body I accept
     max_datagram_payload: int  # largest APP datagram payload I accept (kind byte excluded)
+    features: int = 0  # Feature bits: what I accept beyond the base protocol
 
     frame_type: ClassVar[FrameType] = FrameType.HELLO
 
     def _payload(self) -> bytes:
-        fields = (self.version, self.epoch, self.max_message_size, self.max_datagram_payload)
+        fields = (self.version, self.epoch, self.max_message_size, self.max_datagram_payload, self.features)
         return b"".join(map(encode_varint, fields))
 
     @classmethod
     def _parse(cls, reader: _Reader) -> Hello:
-        return cls(reader.varint(), reader.varint(), reader.varint(), reader.varint())
+        version, epoch, max_message_size, max_datagram_payload = (reader.varint() for _ in range(4))
+        features = reader.varint() if reader.remaining() else 0  # absent: a Hello from before features
+        reader.rest()  # fields of later versions: ignored, like unknown feature bits
+        return cls(version, epoch, max_message_size, max_datagram_payload, features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,6 +691,8 @@ __all__ = [
     "MAX_ACK_IDS",
     "ErrorCode",
     "DatagramKind",
+    "FEATURES",
+    "Feature",
     "StreamType",
     "ResponseStatus",
     "FrameType",
@@ -620,7 +701,12 @@ __all__ = [
     "encode_app_datagram",
     "encode_forward_datagram",
     "encode_forward_reply_datagram",
+    "app_batch_entry",
+    "batch_entry",
+    "unbatch_entry",
     "decode_datagram",
+    "decode_datagram_batch",
+    "encode_datagram_batch",
     "encode_stream_type",
     "read_stream_type",
     "encode_message",

@@ -116,6 +116,34 @@ async def test_oversized_datagram_fails_at_once_and_later_datagrams_flow(mesh3: 
     assert all(len(item.data) == limit for item in received)
 
 
+async def test_a_burst_of_datagrams_of_every_size_is_packed_into_batches_and_arrives_intact(
+    mesh3: dict[str, Node],
+) -> None:
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    limit = alpha.max_datagram_payload
+    edge = [0, 1, 61, 62, 63, 64, 65, 100, 1000, limit - 3, limit - 2, limit - 1, limit]
+    sizes = [*edge, *((index * 37) % 300 for index in range(150)), *edge]
+    frames: list[bytes] = []
+    unspied = beta._datagram
+
+    def spy(state, data: bytes) -> None:  # the real receive path, counting the QUIC DATAGRAM frames
+        frames.append(data)
+        unspied(state, data)
+
+    beta._datagram = spy  # type: ignore[method-assign]
+    for index, size in enumerate(sizes):  # one loop iteration: all of them leave at the same flush
+        alpha.send_datagram("beta", (index.to_bytes(2, "big") * size)[:size] if size >= 2 else b"\xff" * size)
+    received = await drain(beta, len(sizes), timeout=5)
+    expected = sorted((index.to_bytes(2, "big") * size)[:size] if size >= 2 else b"\xff" * size
+                      for index, size in enumerate(sizes))
+    assert sorted(item.data for item in received) == expected
+    assert len(frames) < len(sizes) / 3, "neighbouring datagrams were not packed into BATCH frames"
+    assert max(len(frame) for frame in frames) <= limit + 1  # no frame larger than the largest single one
+    counters = {peer.name: peer.counters for peer in beta.peers()}["alpha"]
+    assert counters["datagrams_in"] == len(sizes)
+    assert {peer.name: peer.state for peer in alpha.peers()}["beta"] == "connected"
+
+
 async def test_message_size_limit_is_enforced_on_both_sides(tmp_path: Path) -> None:
     configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
     configs["beta"] = with_limits(configs["beta"], max_message_size=1000)

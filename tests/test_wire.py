@@ -19,8 +19,10 @@ from quicmesh.wire import (
     MAX_VARINT,
     Ack,
     ControlDecoder,
+    FEATURES,
     DatagramKind,
     ErrorCode,
+    Feature,
     GoAway,
     Hello,
     Services,
@@ -30,9 +32,13 @@ from quicmesh.wire import (
     ResponseDecoder,
     ResponseStatus,
     StreamType,
+    app_batch_entry,
+    batch_entry,
     decode_datagram,
+    decode_datagram_batch,
     decode_varint,
     encode_app_datagram,
+    encode_datagram_batch,
     encode_forward_datagram,
     encode_forward_reply_datagram,
     encode_frame,
@@ -42,6 +48,7 @@ from quicmesh.wire import (
     encode_stream_type,
     encode_varint,
     read_stream_type,
+    unbatch_entry,
 )
 
 FAST = settings(max_examples=150, deadline=None)
@@ -154,6 +161,64 @@ def test_bad_datagrams(data: bytes) -> None:
 def test_decode_datagram_fuzz(data: bytes) -> None:
     try:
         decode_datagram(data)
+    except ProtocolError:
+        pass
+
+
+datagrams = st.one_of(
+    st.binary(max_size=20000).map(encode_app_datagram),
+    st.builds(encode_forward_datagram, st.integers(0, MAX_SERVICE_ID), st.integers(0, 0x3FFF), small_bodies),
+    st.builds(encode_forward_reply_datagram, st.integers(0, MAX_SERVICE_ID), st.integers(0, 0x3FFF), small_bodies),
+)
+
+
+@FAST
+@given(st.lists(datagrams, min_size=1, max_size=12))
+def test_datagram_batch_round_trip(items: list[bytes]) -> None:
+    entries = [batch_entry(item) for item in items]
+    assert [unbatch_entry(entry) for entry in entries] == items
+    batch = encode_datagram_batch(entries)
+    assert batch[0] == DatagramKind.BATCH
+    assert len(batch) == 1 + sum(map(len, entries))  # what the sender's budget counts
+    assert decode_datagram_batch(batch) == items
+
+
+@FAST
+@given(st.binary(max_size=20000))
+def test_app_batch_entry_is_a_batch_entry_of_an_app_datagram(payload: bytes) -> None:
+    assert app_batch_entry(payload) == batch_entry(encode_app_datagram(payload))
+
+
+def test_datagram_batch_layout() -> None:
+    assert encode_datagram_batch([app_batch_entry(b"ab"), batch_entry(encode_forward_datagram(1, 2, b""))]) == (
+        b"\x03\x03\x00ab\x03\x01\x01\x02"
+    )
+    assert app_batch_entry(b"x" * 63)[:3] == b"\x40\x40\x00"  # 64 bytes with the kind byte: a 2-byte length
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "not a batch"),
+        (b"\x00ab", "not a batch"),
+        (b"\x03", "empty batch"),
+        (b"\x03\x00", "bad batch entry of 0 bytes"),
+        (b"\x03\x05ab", "bad batch entry of 5 bytes"),
+        (b"\x03\x02\x00a\x40", "truncated batch"),
+        (b"\x03\x02\x03\x00", "batch datagram inside a batch"),
+    ],
+)
+def test_bad_datagram_batches(data: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match) as info:
+        decode_datagram_batch(data)
+    assert info.value.code == ErrorCode.PROTOCOL_VIOLATION
+
+
+@FAST
+@given(st.binary(max_size=60))
+def test_decode_datagram_batch_fuzz(data: bytes) -> None:
+    try:
+        decode_datagram_batch(b"\x03" + data)
     except ProtocolError:
         pass
 
@@ -305,17 +370,28 @@ frames = st.one_of(
                                         max_size=6).map(lambda d: tuple({n: i for i, n in d.items()}.items()))
               .map(lambda pairs: tuple((i, n) for n, i in pairs))),
 )
-hellos = st.builds(Hello, varints, varints, varints, varints)
+hellos = st.builds(Hello, varints, varints, varints, varints, varints)
 
 
 def test_control_frame_layout() -> None:
     assert encode_stream_type(StreamType.CONTROL) == b"\x00"
-    assert encode_frame(Hello(1, 2, 3, 4)) == b"\x01\x04\x01\x02\x03\x04"
+    assert encode_frame(Hello(1, 2, 3, 4)) == b"\x01\x05\x01\x02\x03\x04\x00"
+    assert encode_frame(Hello(1, 2, 3, 4, FEATURES)) == b"\x01\x05\x01\x02\x03\x04\x01"
     assert encode_frame(Ack((7, 3, 4, 3))) == b"\x02\x04\x03\x03\x00\x02"  # ids 3, 4, 7 as gaps
     assert encode_frame(Reject(9, ErrorCode.MESSAGE_TOO_LARGE, "big")) == b"\x03\x05\x09\x02big"
     assert encode_frame(GoAway(ErrorCode.SHUTDOWN, "")) == b"\x04\x01\x04"
     assert encode_frame(Services(((7, "dns"), (2, "game")))) == b"\x05\x0c\x02\x02\x04game\x07\x03dns"
     assert encode_frame(Services(())) == b"\x05\x01\x00"
+
+
+def test_hello_features_are_optional_and_later_fields_ignored() -> None:
+    """A Hello from before features means none; fields a later version appends are skipped, not fatal."""
+    before_features = b"\x01\x04\x01\x02\x03\x04"
+    assert ControlDecoder().feed(before_features) == [Hello(1, 2, 3, 4, 0)]
+    later = b"\x01\x08\x01\x02\x03\x04\x41\x01\x07\x09"  # features 0x101, then two unknown fields
+    hello = ControlDecoder().feed(later)[0]
+    assert hello == Hello(1, 2, 3, 4, 0x101)
+    assert hello.features & Feature.DATAGRAM_BATCH
 
 
 def test_services_frame_limits() -> None:
@@ -382,7 +458,6 @@ def test_unknown_frame_types_are_skipped() -> None:
         (encode_frame(Ack((1,))), "0x2 before Hello"),
         (b"\x1f\x00", "0x1f before Hello"),  # even an unknown frame may not come first
         (encode_frame(Hello(1, 0, 0, 0)) * 2, "second Hello"),
-        (b"\x01\x05\x01\x02\x03\x04\x05", "trailing bytes in Hello"),
         (b"\x01\x03\x01\x02\x03", "truncated Hello"),
         (b"\x01\x04\x01\x02\x03\x40", "truncated Hello"),
         (encode_frame(Hello(1, 0, 0, 0)) + b"\x02\x02\x05\x00", "Ack claims 5 ids in 1 bytes"),

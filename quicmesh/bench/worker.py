@@ -31,6 +31,8 @@ QUIET_MAX = 3.0
 CONNECT_TIMEOUT = 30.0
 SETTLE = 0.5
 PROGRESS_EVERY = 1.0
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
 
 
 class Commands:
@@ -69,49 +71,52 @@ class Commands:
             return False
 
 
+class PeerTally:
+    """What a receiver counted from one sending peer (slots: this runs once per datagram)."""
+
+    __slots__ = ("received", "bytes", "first", "last")
+
+    def __init__(self, t: float) -> None:
+        self.received = 0
+        self.bytes = 0
+        self.first = t
+        self.last = t
+
+
 class Receiver:
     """What a receiving process counts, per sending peer."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.per_peer: dict[str, dict[str, Any]] = {}
+        self.per_peer: dict[str, PeerTally] = {}
         self.samples = Samples()
         self.count = 0
         self.last = 0.0
 
-    def _peer(self, peer: str) -> dict[str, Any]:
-        stats = self.per_peer.get(peer)
-        if stats is None:
-            stats = self.per_peer[peer] = {"received": 0, "bytes": 0, "first": None, "last": None}
-        return stats
-
     def datagram(self, peer: str, payload: bytes) -> None:
         t = now()
-        stats = self._peer(peer)
-        stats["received"] += 1
-        stats["bytes"] += len(payload)
-        if stats["first"] is None:
-            stats["first"] = t
-        stats["last"] = self.last = t
+        stats = self.per_peer.get(peer) or self.per_peer.setdefault(peer, PeerTally(t))
+        stats.received += 1
+        stats.bytes += len(payload)
+        stats.last = self.last = t
         self.count += 1
-        if len(payload) >= HEADER.size:
-            self.samples.add(t - HEADER.unpack_from(payload)[1])
+        if len(payload) >= _HEADER_SIZE:
+            self.samples.add(t - _unpack_header(payload)[1])
 
     def message(self, peer: str, payload: bytes) -> None:
         self.counted(peer, len(payload))
 
     def counted(self, peer: str, nbytes: int) -> None:
         t = now()
-        stats = self._peer(peer)
-        stats["received"] += 1
-        stats["bytes"] += nbytes
-        if stats["first"] is None:
-            stats["first"] = t
-        stats["last"] = self.last = t
+        stats = self.per_peer.get(peer) or self.per_peer.setdefault(peer, PeerTally(t))
+        stats.received += 1
+        stats.bytes += nbytes
+        stats.last = self.last = t
         self.count += 1
 
     def report(self) -> dict[str, Any]:
-        return {"peers": self.per_peer, "latency": percentiles(self.samples.values) if self.mode == "datagram" else None}
+        peers = {name: {slot: getattr(tally, slot) for slot in PeerTally.__slots__} for name, tally in self.per_peer.items()}
+        return {"peers": peers, "latency": percentiles(self.samples.values) if self.mode == "datagram" else None}
 
 
 # --- implementations ----------------------------------------------------------------------------------

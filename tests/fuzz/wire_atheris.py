@@ -17,7 +17,7 @@ with atheris.instrument_imports():
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 5)
+    target = fdp.ConsumeIntInRange(0, 6)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -27,11 +27,13 @@ def one_input(data: bytes) -> None:
             wire.decode_datagram(payload)
         elif target == 1:
             wire.read_stream_type(payload, bidirectional=end)
+        elif target == 6:
+            wire.decode_datagram_batch(payload)
         elif target == 2:
             decoder = wire.ControlDecoder()
             for chunk in chunks:
                 decoder.feed(chunk)
-        else:
+        else:  # 3..5
             decoder = (wire.MessageDecoder, wire.RequestDecoder, wire.ResponseDecoder)[target - 3](4096)
             decoder.feed(chunks[0], False)
             decoder.feed(chunks[1], end)
