@@ -9,7 +9,10 @@ aioquic (1.7.x) has no public API for what mutual TLS needs, so this module:
    (only ``tls.Alert`` raised inside a handler becomes a CONNECTION_CLOSE; anything else would leave the
    peer connected and unchallenged);
 4. reads the peer certificate chain (``_peer_certificate``/``_peer_certificate_chain``), the smoothed RTT
-   (``_loss._rtt_smoothed``) and the length of aioquic's datagram queue (``_datagrams_pending``).
+   (``_loss._rtt_smoothed``) and the length of aioquic's datagram queue (``_datagrams_pending``);
+5. lets a delayed ACK ride on data the node is about to send (``_spaces[ONE_RTT].ack_at``): aioquic only
+   adds an ACK to a packet once the ACK is due, so a reply left without it and a separate ACK-only packet
+   followed 1 ms later, waking the peer once more per request.
 
 ``tests/test_aioquic_internals.py`` checks each of these against the installed aioquic and fails loudly
 when an upgrade moves them; pyproject pins aioquic to the range tested.
@@ -134,6 +137,13 @@ class MeshQuicConnection(QuicConnection):
         """How many DATAGRAM frames wait in aioquic's (unbounded) queue."""
         return len(self._datagrams_pending)
 
+    def ack_with_next_packet(self, now: float) -> None:
+        """Make a delayed ACK due now, so it leaves with the data about to be sent (RFC 9000 13.2.1: the
+        delay is an upper bound) instead of alone when its timer fires. Call only with data to send."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
+
 
 def check_internals() -> list[str]:
     """Return what this module relies on but the installed aioquic lacks (empty = all present)."""
@@ -145,9 +155,13 @@ def check_internals() -> list[str]:
         if not hasattr(tls.Context(is_client=False), name)
     ]
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending", "_handshake_complete"):
+    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending", "_handshake_complete", "_spaces"):
         if not hasattr(connection, name):
             missing.append(f"aioquic QuicConnection.{name}")
+    from aioquic.quic.recovery import QuicPacketSpace
+
+    if not hasattr(QuicPacketSpace(), "ack_at"):
+        missing.append("aioquic QuicPacketSpace.ack_at")
     loss = getattr(connection, "_loss", None)
     for name in ("_rtt_smoothed", "_rtt_initialized"):
         if not hasattr(loss, name):

@@ -104,6 +104,13 @@ def render(node: Any, now: float | None = None) -> str:
     metric("quicmesh_handshake_failures_total", "counter", "Handshakes refused, by reason.",
            [(f'{{reason="{r}"}}', reasons.get(r, 0)) for r in ("peer_certificate_rejected", "refused_by_peer",
                                                                  "inbound_tls_refused", "other")])
+    socket_counters = getattr(node, "socket_counters", None)
+    if callable(socket_counters):
+        udp = socket_counters()
+        metric("quicmesh_udp_packets_total", "counter", "UDP packets through the node's socket.",
+               [(f'{{direction="{d}"}}', int(udp[f"packets_{d}"])) for d in ("in", "out")])
+        metric("quicmesh_udp_send_errors_total", "counter", "UDP sends that failed (the packet was lost).",
+               [("", int(udp["send_errors"]))])
     guard_status = getattr(node, "guard_status", None)
     guard = guard_status() if callable(guard_status) else None
     if guard is not None:

@@ -322,6 +322,14 @@ class Node:
         """When the first certificate of the mesh CA bundle expires (the whole mesh stops then)."""
         return min(cert.not_valid_after_utc for cert in x509.load_pem_x509_certificates(self._ca_pem))
 
+    def socket_counters(self) -> dict[str, int]:
+        """UDP packets through the node's socket (a GSO send counts each packet) and failed sends."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            return {"packets_in": 0, "packets_out": 0, "send_errors": 0}
+        return {"packets_in": endpoint.packets_in, "packets_out": endpoint.packets_out,
+                "send_errors": endpoint.send_errors}
+
     def guard_status(self) -> dict[str, Any] | None:
         """Strangers' counters (quicmesh/guard.py): drops by reason, what is enforced; None before start."""
         endpoint = self._endpoint
@@ -674,6 +682,7 @@ class Node:
             for start in range(0, len(acks), wire.MAX_ACK_IDS):
                 self._send_control(state, wire.Ack(tuple(acks[start : start + wire.MAX_ACK_IDS])))
             acks.clear()
+            link.sending = True  # data to send: the QUIC ACK may go with it
         peer = self._peers.get(state.peer or "")
         if peer is not None and peer.link is state and peer.datagram_queue:
             self._hand_datagrams_to_quic(peer, state)

@@ -67,6 +67,8 @@ class Link:
     timer_at: float | None = None
     last_received: float = 0.0
     terminated: bool = False
+    #: the handler queued data since the last flush (touch): a delayed ACK may leave with it
+    sending: bool = False
 
     def handshaking(self) -> bool:
         """An accepted connection whose handshake has not completed (nor failed) yet."""
@@ -173,6 +175,7 @@ class Endpoint:
 
     def touch(self, link: Link) -> None:
         """Something was queued on the connection: flush it at the end of this loop iteration."""
+        link.sending = True
         self._dirty[link.conn_id] = link
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -341,6 +344,9 @@ class Endpoint:
         if link.terminated:
             return
         self._handler.before_flush(link)
+        if link.sending:
+            link.sending = False
+            link.quic.ack_with_next_packet(self._loop.time())
         self._send_pending(link)
         timer_at = link.quic.get_timer()
         if timer_at != link.timer_at:

@@ -44,6 +44,9 @@ async def test_metrics_endpoint_serves_peers_counters_guard_and_certs(tmp_path: 
             assert 'quicmesh_handshake_failures_total{reason="peer_certificate_rejected"} 0' in body
             assert 'quicmesh_cert_days_left{cert="node"}' in body and 'quicmesh_cert_days_left{cert="ca"}' in body
             assert "quicmesh_peer_rtt_seconds{peer=\"alpha\"}" in body
+            packets_in = [line for line in body.splitlines() if line.startswith('quicmesh_udp_packets_total{direction="in"}')]
+            assert len(packets_in) == 1 and int(packets_in[0].rsplit(" ", 1)[1]) > 0
+            assert "quicmesh_udp_send_errors_total 0" in body
             for line in body.splitlines():  # every sample line is "name{labels} number"
                 if not line.startswith("#"):
                     float(line.rsplit(" ", 1)[1])

@@ -144,6 +144,25 @@ async def test_a_burst_of_datagrams_of_every_size_is_packed_into_batches_and_arr
     assert {peer.name: peer.state for peer in alpha.peers()}["beta"] == "connected"
 
 
+async def test_a_reply_carries_the_ack_of_its_request(mesh3: dict[str, Node]) -> None:
+    """One packet per reply: the QUIC ACK of the request rides on it.
+
+    aioquic sends an ACK only once its 1 ms delay is due, so without quicmesh's piggyback each reply was
+    followed by an ACK-only packet (one more wake-up of the requester per request).
+    """
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    beta.set_request_handler(lambda peer, data: data)
+    await alpha.request("beta", b"warm-up", timeout=5)
+    await asyncio.sleep(0.1)  # let the warm-up's own ACKs settle
+    before = beta.socket_counters()["packets_out"]
+    count = 50
+    for index in range(count):
+        assert await alpha.request("beta", index.to_bytes(2, "big"), timeout=5) == index.to_bytes(2, "big")
+        await asyncio.sleep(0.003)  # longer than the ACK delay: a separate ACK would have left by now
+    sent = beta.socket_counters()["packets_out"] - before
+    assert count <= sent <= count * 1.1, f"beta sent {sent} packets for {count} replies"
+
+
 async def test_message_size_limit_is_enforced_on_both_sides(tmp_path: Path) -> None:
     configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
     configs["beta"] = with_limits(configs["beta"], max_message_size=1000)
