@@ -48,6 +48,9 @@ async def _node_main(config_path: str, host: str) -> int:
     from quicmesh.config import load_config
     from quicmesh.node import Node
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(created).3f %(name)s: %(message)s")  # to its .stderr file
     config = load_config(config_path)
     # Bind the node's own 127.0.0.x, not bootstrap's 0.0.0.0: from a wildcard socket the kernel answers a
     # peer that dialed 127.0.0.x from 127.0.0.1, and aioquic's client ignores a handshake from another address.
@@ -62,14 +65,27 @@ async def _node_main(config_path: str, host: str) -> int:
         await reader.readline()  # "go"
     rss_before = _rss()
     await node.start()
+    drops: list[str] = []
+
+    async def watch_drops() -> None:  # a mesh that converged should stay up: say why if it does not
+        async for event in node.events():
+            if event.kind == "disconnected":
+                drops.append(f"{event.peer}: {event.reason}")
+
+    watcher = None
     try:
         await node.wait_connected(timeout=CONVERGE_TIMEOUT)
         emit("converged", at=time.monotonic(), rss_before=rss_before, rss=_rss(),
              connections=len(node.connected_peers()))
         async with asyncio.timeout(CONVERGE_TIMEOUT + IDLE_SETTLE + IDLE_MEASURE + 30):
-            await reader.readline()  # "stop" (or EOF)
-        emit("final", rss=_rss(), connections=len(node.connected_peers()))
+            await reader.readline()  # "settled": every node has converged, the idle phase begins
+            watcher = asyncio.ensure_future(watch_drops())
+            await reader.readline()  # "report"
+            emit("final", rss=_rss(), connections=len(node.connected_peers()), drops=drops)
+            await reader.readline()  # "stop" (or EOF): only now, so no node sees another's shutdown as a drop
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await node.stop()
     return 0
 
@@ -114,6 +130,8 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
             worker.say("go")
         converged = await asyncio.gather(*(w.expect("converged", CONVERGE_TIMEOUT + 5) for w in workers))
         converge_s = max(event["at"] for event in converged) - go
+        for worker in workers:
+            worker.say("settled")
         await asyncio.sleep(idle_settle)
         pids = [w.process.pid for w in workers]
         cpu0 = sum(_cpu_of(pid) for pid in pids)
@@ -122,7 +140,7 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
         cpu = sum(_cpu_of(pid) for pid in pids) - cpu0
         idle_pct = 100.0 * cpu / (time.monotonic() - t0)
         for worker in workers:
-            worker.say("stop")
+            worker.say("report")
         final = await asyncio.gather(*(w.expect("final", 15) for w in workers))
         growth = [(event["rss"] - event["rss_before"]) / max(1, event["connections"]) for event in converged]
         return {
@@ -133,6 +151,7 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
             "idle_cpu_pct": idle_pct,
             "idle_cpu_pct_per_node": idle_pct / len(workers),
             "still_connected": all(e["connections"] == len(configs) - 1 for e in final),
+            "drops_while_idle": [f"n{index} lost {drop}" for index, e in enumerate(final) for drop in e["drops"]],
         }
     finally:
         for worker in workers:
@@ -150,6 +169,10 @@ def render_mesh(results: list[dict[str, Any]]) -> str:
                      f"{r['converge_s']:.2f} s | {r['kib_per_connection']:.0f} KiB (max {r['max_kib_per_connection']:.0f}) | "
                      f"{r['idle_cpu_pct']:.1f}% of a core | {r['idle_cpu_pct_per_node']:.2f}% | "
                      f"{'yes' if r['still_connected'] else 'NO'} |")
+    for r in results:
+        drops = r.get("drops_while_idle", [])
+        if drops:
+            lines.append(f"\n{r['nodes']} nodes: {len(drops)} disconnects while idle, e.g. " + "; ".join(drops[:5]))
     return "\n".join(lines)
 
 
