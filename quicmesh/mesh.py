@@ -355,7 +355,7 @@ class PeerManager:
                     p.connected_since = None
                     p.failures = 0
                     self._fail(p, reason, now, False)
-                elif now >= max(conn.last_heard, conn.last_ping) + self._ping_interval(conn):
+                elif now >= self._ping_due(conn):
                     conn.last_ping = now
                     actions.append(Ping(conn.conn_id))
             if p.pending is not None and now >= self._conns[p.pending].started + t.handshake_timeout:
@@ -390,7 +390,7 @@ class PeerManager:
         for conn in self._conns.values():
             if conn.role is _Role.ACTIVE:
                 times.append(conn.last_heard + t.dead_after)
-                times.append(max(conn.last_heard, conn.last_ping) + self._ping_interval(conn))
+                times.append(self._ping_due(conn))
             else:
                 times.append(conn.started + t.handshake_timeout)
         may_dial = self._dials_in_flight() < _MAX_DIALS  # else a dial ending (an event) comes first
@@ -439,11 +439,15 @@ class PeerManager:
     def _dials_in_flight(self) -> int:
         return sum(1 for p in self._peers.values() if p.pending is not None or p.dial_requested_at is not None)
 
-    def _ping_interval(self, conn: _Conn) -> float:
-        """The dialer pings a quiet connection every keepalive; the other side only if those pings stop
-        (halfway to dead_after), so an idle connection costs one PING and one ACK per keepalive, not two."""
+    def _ping_due(self, conn: _Conn) -> float:
+        """When a quiet connection is pinged: the dialer once it was quiet for keepalive; the other side only
+        if those pings stop (halfway to dead_after), so an idle connection costs one PING and one ACK per
+        keepalive, not two. Rounded up to a quarter keepalive, so that the pings of all connections share
+        a few wake-ups per keepalive instead of one each (idle CPU of a 32-node mesh: measured)."""
         t = self._timers
-        return t.keepalive if conn.dialed_by_us else (t.keepalive + t.dead_after) / 2
+        interval = t.keepalive if conn.dialed_by_us else (t.keepalive + t.dead_after) / 2
+        slot = t.keepalive / 4
+        return math.ceil((max(conn.last_heard, conn.last_ping) + interval) / slot) * slot
 
     def _dialer(self, conn: _Conn, peer: str) -> str:
         return self.local_name if conn.dialed_by_us else peer

@@ -682,7 +682,7 @@ class Node:
             for start in range(0, len(acks), wire.MAX_ACK_IDS):
                 self._send_control(state, wire.Ack(tuple(acks[start : start + wire.MAX_ACK_IDS])))
             acks.clear()
-            link.sending = True  # data to send: the QUIC ACK may go with it
+            link.ack_now = True  # data to send: the QUIC ACK may go with it
         peer = self._peers.get(state.peer or "")
         if peer is not None and peer.link is state and peer.datagram_queue:
             self._hand_datagrams_to_quic(peer, state)

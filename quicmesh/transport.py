@@ -42,6 +42,9 @@ Address = tuple[str, int]
 #: 9.9-13.9k msgs/s, 8 -> 13.1k, 4 -> 21-23.6k, 2 -> 20.4k, 1 -> 13.4k; datagrams with 4 at least as fast as 16).
 _READ_BATCH = 4
 _SMALLEST_INITIAL = 1200
+#: A packet after this long without one is acknowledged at once (see Link.ack_now); within a burst, ACKs
+#: keep aioquic's delay, which lets one ACK cover many packets.
+_QUIET = 0.1
 
 # UDP generic segmentation offload (Linux >= 4.18): several equal-sized packets to one address leave in ONE
 # sendmsg, which the kernel splits. Measured with `python -m quicmesh.bench.compare`: the sending side's CPU
@@ -67,8 +70,10 @@ class Link:
     timer_at: float | None = None
     last_received: float = 0.0
     terminated: bool = False
-    #: the handler queued data since the last flush (touch): a delayed ACK may leave with it
-    sending: bool = False
+    #: let a pending delayed ACK leave at the next flush: the handler queued data (touch), which it can
+    #: ride on, or the first packet after a quiet spell arrived (a keepalive PING: answered at once
+    #: instead of by a timer 1 ms later, one wake-up less per keepalive on an idle mesh)
+    ack_now: bool = False
 
     def handshaking(self) -> bool:
         """An accepted connection whose handshake has not completed (nor failed) yet."""
@@ -175,7 +180,7 @@ class Endpoint:
 
     def touch(self, link: Link) -> None:
         """Something was queued on the connection: flush it at the end of this loop iteration."""
-        link.sending = True
+        link.ack_now = True
         self._dirty[link.conn_id] = link
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -246,6 +251,8 @@ class Endpoint:
             link = self._accept(data, addr, now)
             if link is None:
                 return
+        if now - link.last_received > _QUIET:
+            link.ack_now = True
         link.last_received = now
         link.quic.receive_datagram(data, addr, now)
         self._process(link)
@@ -344,8 +351,8 @@ class Endpoint:
         if link.terminated:
             return
         self._handler.before_flush(link)
-        if link.sending:
-            link.sending = False
+        if link.ack_now:
+            link.ack_now = False
             link.quic.ack_with_next_packet(self._loop.time())
         self._send_pending(link)
         timer_at = link.quic.get_timer()

@@ -236,6 +236,22 @@ def test_keepalive_pings_only_quiet_connections() -> None:
         assert m.poll(t + 0.1) == []
 
 
+def test_pings_fall_on_a_quarter_keepalive_grid() -> None:
+    """Many connections' pings share a few wake-ups per keepalive instead of one each."""
+    m = manager(peers=("b", "c", "d"))
+    assert m.poll(10.0) == [Dial("b"), Dial("c"), Dial("d")]
+    for conn_id, peer, at in ((1, "b", 10.01), (2, "c", 10.13), (3, "d", 10.2)):
+        m.dial_started(peer, conn_id, 10.0)
+        assert m.connection_ready(peer, conn_id, dialed_by_us=True, peer_epoch=1, now=at) == [PeerUp(peer, conn_id)]
+    assert m.next_deadline() == 11.25
+    assert m.poll(11.2) == []
+    assert m.poll(11.25) == [Ping(1), Ping(2), Ping(3)]
+    m.heard_from(1, 11.251)  # the ACK of its ping, seen at the next wake-up
+    assert m.next_deadline() == 12.25  # the others, pinged at 11.25; its own falls on the same grid
+    assert m.poll(12.25) == [Ping(2), Ping(3)]
+    assert m.poll(12.5) == [Ping(1)]
+
+
 def test_only_the_dialer_pings_while_the_other_side_hears_it() -> None:
     m = manager()
     m.inbound_started(7, 10.0)
@@ -252,7 +268,7 @@ def test_dead_connection_is_closed_at_exactly_dead_after() -> None:
     connect(m, "b", 1, 10.0)
     m.heard_from(1, 10.1)
     m.heard_from(1, 10.7)  # 10.7 + 3.0 is not exact in binary: the deadline must still hold
-    pings = [a for t in (11.7, 12.7) for a in m.poll(t)]
+    pings = [a for t in (11.7, 11.75, 12.75) for a in m.poll(t)]  # due on the quarter-keepalive grid
     assert pings == [Ping(1), Ping(1)]
     assert m.next_deadline() == 10.7 + 3.0
     assert m.poll(10.7 + 3.0 - 1e-9) == []
