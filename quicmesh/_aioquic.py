@@ -12,7 +12,9 @@ aioquic (1.7.x) has no public API for what mutual TLS needs, so this module:
    (``_loss._rtt_smoothed``) and the length of aioquic's datagram queue (``_datagrams_pending``);
 5. lets a delayed ACK ride on data the node is about to send (``_spaces[ONE_RTT].ack_at``): aioquic only
    adds an ACK to a packet once the ACK is due, so a reply left without it and a separate ACK-only packet
-   followed 1 ms later, waking the peer once more per request.
+   followed 1 ms later, waking the peer once more per request;
+6. swaps the three 16 KiB TLS output buffers (``_crypto_buffers``) for small ones once the handshake is
+   done: only the handshake writes into them, and they were a fifth of a connection's memory.
 
 ``tests/test_aioquic_internals.py`` checks each of these against the installed aioquic and fails loudly
 when an upgrade moves them; pyproject pins aioquic to the range tested.
@@ -24,10 +26,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aioquic import tls
+from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 
 from .errors import ChainError, IdentityError, RevokedError, ValidityError
+
+#: What the TLS layer may still write once the handshake is done: nothing with tickets off (quicmesh's
+#: configuration); a little room in case, instead of aioquic's 16 KiB per epoch.
+_POST_HANDSHAKE_CRYPTO_BUFFER = 1024
 
 #: The TLS hook: given the peer's chain (leaf first), return the verified peer object or raise.
 PeerVerifier = Callable[[Sequence[x509.Certificate]], Any]
@@ -137,6 +144,11 @@ class MeshQuicConnection(QuicConnection):
         """How many DATAGRAM frames wait in aioquic's (unbounded) queue."""
         return len(self._datagrams_pending)
 
+    def release_handshake_buffers(self) -> None:
+        """Shrink the TLS output buffers after the handshake (call on HandshakeCompleted, which aioquic
+        reports after the last handshake message was written and pushed)."""
+        self._crypto_buffers = {epoch: Buffer(capacity=_POST_HANDSHAKE_CRYPTO_BUFFER) for epoch in self._crypto_buffers}
+
     def ack_with_next_packet(self, now: float) -> None:
         """Make a delayed ACK due now, so it leaves with the data about to be sent (RFC 9000 13.2.1: the
         delay is an upper bound) instead of alone when its timer fires. Call only with data to send."""
@@ -155,7 +167,8 @@ def check_internals() -> list[str]:
         if not hasattr(tls.Context(is_client=False), name)
     ]
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending", "_handshake_complete", "_spaces"):
+    for name in ("_initialize", "_is_client", "_loss", "_datagrams_pending", "_handshake_complete", "_spaces",
+                 "_crypto_buffers"):
         if not hasattr(connection, name):
             missing.append(f"aioquic QuicConnection.{name}")
     from aioquic.quic.recovery import QuicPacketSpace

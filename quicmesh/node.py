@@ -722,6 +722,7 @@ class Node:
             self._close_link(state, wire.ErrorCode.IDENTITY_REJECTED, "peer identity not verified")
             return
         state.peer, state.fingerprint = verified
+        state.quic.release_handshake_buffers()
         state.chain = state.quic.peer_chain()
         state.control_stream = state.quic.get_next_available_stream_id(is_unidirectional=True)
         hello = wire.Hello(
