@@ -112,9 +112,14 @@ def test_summary_bounds_loss_and_renders() -> None:
 
 
 def test_mesh_scale_smoke() -> None:
-    from quicmesh.bench.meshscale import render_mesh, run_mesh
+    from quicmesh.bench.meshscale import add_marginal, render_mesh, run_mesh
 
     result = run_mesh(3, idle_settle=0.2, idle_measure=0.5)
     assert result["nodes"] == 3 and result["converge_s"] > 0 and result["still_connected"]
     assert result["kib_per_connection"] > 0 and result["idle_cpu_pct"] >= 0
+    assert result["drops_while_idle"] == []
     assert "3 nodes, 3 connections" in render_mesh([result])
+    # the marginal cost of a connection: a node's growth from the smaller mesh, per connection gained
+    smaller = {**result, "nodes": 2, "converged_rss_mib_per_node": result["converged_rss_mib_per_node"] - 0.25}
+    assert add_marginal([smaller, result])[1]["marginal_kib_per_connection"] == pytest.approx(256)
+    assert "| 256 KiB |" in render_mesh([smaller, result])

@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render(loop_results, figures), flush=True)
     mesh_results = None
     if args.mesh:
-        from .meshscale import render_mesh, run_mesh
+        from .meshscale import add_marginal, render_mesh, run_mesh
 
         sizes = [int(n) for n in args.mesh.split(",") if n.strip()]
-        mesh_results = [run_mesh(n, loop=loops[-1], log=log) for n in sizes]
+        mesh_results = add_marginal([run_mesh(n, loop=loops[-1], log=log) for n in sorted(sizes)])
         print(render_mesh(mesh_results), flush=True)
     if args.json:
         with open(args.json, "w") as file:

@@ -2,9 +2,11 @@
 
 ``python -m quicmesh.bench.meshscale 8 16 32`` (also ``compare --mesh 8,16,32``). Each node process loads
 its config and credentials, then waits; all are told to start at once, and convergence is the time from
-that moment until every node has every peer connected. Memory per connection is each node's resident-set
-growth from started to converged, divided by its N-1 connections; idle CPU is what all the processes used
-over a quiet interval once converged (keepalives only), in percent of one core.
+that moment until every node has every peer connected. Memory: each node's resident-set growth from
+started to converged, divided by its N-1 connections, includes what starting costs once (modules loaded on
+first use, ~3 MiB); the marginal figure, the growth of a node's resident set from one mesh size to the
+next divided by the connections it gained, is what one more connection costs. Idle CPU is what all the
+processes used over a quiet interval once converged (keepalives only), in percent of one core.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
             "kib_per_connection": sum(growth) / len(growth) / 1024,
             "max_kib_per_connection": max(growth) / 1024,
             "rss_mib_per_node": sum(e["rss"] for e in final) / len(final) / 2**20,
+            "converged_rss_mib_per_node": sum(e["rss"] for e in converged) / len(converged) / 2**20,
             "idle_cpu_pct": idle_pct,
             "idle_cpu_pct_per_node": idle_pct / len(workers),
             "still_connected": all(e["connections"] == len(configs) - 1 for e in final),
@@ -161,12 +164,26 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
             worker.stderr.close()
 
 
+def add_marginal(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``marginal_kib_per_connection`` of each result after the first: what a node's resident set grew by
+    from the previous (smaller) mesh, per connection gained."""
+    for smaller, larger in zip(results, results[1:]):
+        gained = larger["nodes"] - smaller["nodes"]
+        if gained > 0:
+            grown = larger["converged_rss_mib_per_node"] - smaller["converged_rss_mib_per_node"]
+            larger["marginal_kib_per_connection"] = grown * 1024 / gained
+    return results
+
+
 def render_mesh(results: list[dict[str, Any]]) -> str:
-    lines = ["| full mesh (one process per node, 127.0.0.x) | converge | memory per connection | idle CPU (all nodes) "
-             "| idle CPU per node | still all connected |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| full mesh (one process per node, 127.0.0.x) | converge | growth per connection (incl. start) "
+             "| marginal per connection | idle CPU (all nodes) | idle CPU per node | still all connected |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
+        marginal = r.get("marginal_kib_per_connection")
         lines.append(f"| {r['nodes']} nodes, {r['nodes'] * (r['nodes'] - 1) // 2} connections ({r['loop']}) | "
                      f"{r['converge_s']:.2f} s | {r['kib_per_connection']:.0f} KiB (max {r['max_kib_per_connection']:.0f}) | "
+                     f"{'-' if marginal is None else f'{marginal:.0f} KiB'} | "
                      f"{r['idle_cpu_pct']:.1f}% of a core | {r['idle_cpu_pct_per_node']:.2f}% | "
                      f"{'yes' if r['still_connected'] else 'NO'} |")
     for r in results:
@@ -189,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.node:
         return run_on(args.loop, lambda: _node_main(args.node, args.host))
-    results = [run_mesh(n, loop=args.loop, log=lambda line: print(line, file=sys.stderr, flush=True))
-               for n in args.sizes]
+    results = add_marginal([run_mesh(n, loop=args.loop, log=lambda line: print(line, file=sys.stderr, flush=True))
+                            for n in sorted(args.sizes)])
     print(json.dumps(results, indent=2) if args.json else render_mesh(results))
     return 0
 
