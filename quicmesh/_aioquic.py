@@ -12,7 +12,7 @@ aioquic (1.7.x) has no public API for what mutual TLS needs, so this module:
    (``_loss._rtt_smoothed``) and the length of aioquic's datagram queue (``_datagrams_pending``);
 5. lets a delayed ACK ride on data the node is about to send (``_spaces[ONE_RTT].ack_at``): aioquic only
    adds an ACK to a packet once the ACK is due, so a reply left without it and a separate ACK-only packet
-   followed 1 ms later, waking the peer once more per request;
+   followed 1 ms later, waking the peer once more per request (and a keepalive PING is answered at once);
 6. swaps the three 16 KiB TLS output buffers (``_crypto_buffers``) for small ones once the handshake is
    done: only the handshake writes into them, and they were a fifth of a connection's memory.
 
@@ -150,8 +150,8 @@ class MeshQuicConnection(QuicConnection):
         self._crypto_buffers = {epoch: Buffer(capacity=_POST_HANDSHAKE_CRYPTO_BUFFER) for epoch in self._crypto_buffers}
 
     def ack_with_next_packet(self, now: float) -> None:
-        """Make a delayed ACK due now, so it leaves with the data about to be sent (RFC 9000 13.2.1: the
-        delay is an upper bound) instead of alone when its timer fires. Call only with data to send."""
+        """Make a delayed ACK due now (RFC 9000 13.2.1: the delay is an upper bound): it leaves with the data
+        about to be sent instead of alone when its timer fires, or at once when there is nothing to wait for."""
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         if space is not None and space.ack_at is not None and space.ack_at > now:
             space.ack_at = now

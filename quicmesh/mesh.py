@@ -30,7 +30,8 @@ CONNECTED    active lost                                  BACKOFF      PeerDown 
 CONNECTED    active lost, rejected=True                   REJECTED     PeerDown (failure n = 1)
 CONNECTED    no packet for dead_after                     BACKOFF      Close(PEER_UNRESPONSIVE), PeerDown
 CONNECTED    quiet for keepalive (we dialed it), or for   CONNECTED    Ping
-             (keepalive + dead_after) / 2 (the peer did)
+             (keepalive + dead_after) / 2 (the peer did),
+             rounded up to a quarter keepalive
 any          removed by set_peers                         (forgotten)  Close(NOT_CONFIGURED) [+PeerDown]
 ===========  ===========================================  ===========  ===============================
 

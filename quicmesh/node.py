@@ -53,8 +53,9 @@ log = logging.getLogger("quicmesh.node")
 #: Bytes a QUIC short-header packet spends around one DATAGRAM frame (flags, 8-byte CID, packet number,
 #: AEAD tag, frame type and length) plus quicmesh's 1-byte datagram kind. Measured: 1169 at 1200.
 _DATAGRAM_PACKET_OVERHEAD = 30 + wire.DATAGRAM_OVERHEAD
-#: DATAGRAM frames (a BATCH counts once) handed to aioquic at once; the rest wait in quicmesh's bounded per-peer queue, so a datagram
-#: backlog cannot starve stream data (aioquic writes every queued datagram before any stream frame).
+#: DATAGRAM frames (a BATCH counts once) handed to aioquic at once; the rest wait in quicmesh's bounded
+#: per-peer queue, so a datagram backlog cannot starve stream data (aioquic writes every queued datagram
+#: before any stream frame).
 _DATAGRAM_BURST = 32
 _APP = int(wire.DatagramKind.APP)
 _BATCH = int(wire.DatagramKind.BATCH)
@@ -696,7 +697,7 @@ class Node:
         moved = 0
         while queue and quic.pending_datagrams() < _DATAGRAM_BURST:
             entry = queue.popleft()
-            used = 1 + len(entry)
+            used = 1 + len(entry)  # the BATCH kind byte, then the entry
             if not state.batching or not queue or used + len(queue[0]) > budget:
                 quic.send_datagram_frame(wire.unbatch_entry(entry))
                 moved += 1
