@@ -203,6 +203,7 @@ def decode_datagram(data: bytes) -> tuple[int, bytes] | tuple[int, int, int, byt
 
 
 _BATCH_PREFIX = bytes((DatagramKind.BATCH,))
+_BATCH_KIND = int(DatagramKind.BATCH)
 
 
 _APP_ENTRY_HEADERS: dict[int, bytes] = {}  # payload size -> length + kind byte (sizes are bounded by the limits)
@@ -240,10 +241,11 @@ def decode_datagram_batch(data: bytes) -> list[bytes]:
     """The datagrams inside a BATCH datagram; each is non-empty and not itself a BATCH."""
     if data[:1] != _BATCH_PREFIX:
         raise ProtocolError("not a batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
-    datagrams = []
+    datagrams: list[bytes] = []
+    append = datagrams.append
     pos = 1
     end = len(data)
-    while pos < end:
+    while pos < end:  # the receive hot path of a datagram flood: plain ints, no helper per entry
         size = data[pos]
         if size < 0x40:  # the common one- and two-byte lengths, inline
             pos += 1
@@ -255,12 +257,13 @@ def decode_datagram_batch(data: bytes) -> list[bytes]:
             if parsed is None:
                 raise ProtocolError("truncated batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
             size, pos = parsed
-        if size == 0 or pos + size > end:
+        stop = pos + size
+        if size == 0 or stop > end:
             raise ProtocolError(f"bad batch entry of {size} bytes", code=ErrorCode.PROTOCOL_VIOLATION)
-        if data[pos] == DatagramKind.BATCH:
+        if data[pos] == _BATCH_KIND:
             raise ProtocolError("batch datagram inside a batch", code=ErrorCode.PROTOCOL_VIOLATION)
-        datagrams.append(data[pos : pos + size])
-        pos += size
+        append(data[pos:stop])
+        pos = stop
     if not datagrams:
         raise ProtocolError("empty batch datagram", code=ErrorCode.PROTOCOL_VIOLATION)
     return datagrams

@@ -83,5 +83,5 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def now() -> float:
-    return time.monotonic()
+#: The bench clock (one for all processes of the machine); the function itself, not a wrapper: it runs per datagram.
+now = time.monotonic
