@@ -56,6 +56,16 @@ _GSO_MAX_BYTES = 65000
 _GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _SEGMENT_SIZE = struct.Struct("=H")
 
+# A socket bound to a wildcard address (0.0.0.0, ::) would answer from the kernel's choice of source
+# address, which on a host with several addresses need not be the one the peer dialed: a QUIC client drops
+# a handshake from another address. So such a socket asks for each packet's destination address
+# (IP_PKTINFO / IPV6_PKTINFO) and sends each connection's packets from the address it was reached at.
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux; Python's socket module lacks the name
+_IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst (source to use), addr (header destination)
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
+_PKTINFO_SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
+_MAX_SOURCES = 256  # cached source cmsgs (one per local address that packets arrive at)
+
 
 @dataclass(eq=False)
 class Link:
@@ -70,6 +80,8 @@ class Link:
     timer_at: float | None = None
     last_received: float = 0.0
     terminated: bool = False
+    #: on a wildcard socket: the cmsg that sends from the local address the peer reaches us at
+    source: list[tuple[int, int, bytes]] | None = None
     #: let a pending delayed ACK leave at the next flush: the handler queued data (touch), which it can
     #: ride on, or the first packet after a quiet spell arrived (a keepalive PING: answered at once
     #: instead of by a timer 1 ms later, one wake-up less per keepalive on an idle mesh)
@@ -117,6 +129,9 @@ class Endpoint:
         #: quicmesh.guard.Guard: allowlist, handshake limits, Retry (None: accept every source)
         self.guard: Guard | None = None
         self._handshaking: set[Link] = set()  # accepted links whose handshake may still be in progress
+        self._pktinfo = False  # wildcard socket: packets carry their destination address (see _IP_PKTINFO)
+        self._arrival_source: list[tuple[int, int, bytes]] | None = None  # of the packet being processed
+        self._sources: dict[bytes, list[tuple[int, int, bytes]]] = {}
 
     # --- socket ---------------------------------------------------------------------------
     def open(self, host: str, port: int) -> Address:
@@ -133,6 +148,8 @@ class Endpoint:
                     pass
             sock.bind((host, port))
             sock.setblocking(False)
+            if host in ("0.0.0.0", "::"):
+                self._pktinfo = _enable_pktinfo(sock)
         except OSError:
             sock.close()
             raise
@@ -215,6 +232,9 @@ class Endpoint:
         sock = self._sock
         if sock is None:
             return
+        if self._pktinfo:
+            self._on_readable_pktinfo(sock)
+            return
         now = self._loop.time()
         size = self._receive_size
         for _ in range(_READ_BATCH):
@@ -232,6 +252,52 @@ class Endpoint:
         if self._dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_dirty)
+
+    def _on_readable_pktinfo(self, sock: socket.socket) -> None:
+        """_on_readable for a wildcard socket: recvmsg, and remember where each packet was sent to."""
+        now = self._loop.time()
+        size = self._receive_size
+        last_ancillary: list[tuple[int, int, bytes]] | None = None
+        last_source: list[tuple[int, int, bytes]] | None = None
+        for _ in range(_READ_BATCH):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(size, _PKTINFO_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                log.debug("socket receive error: %s", error)
+                continue
+            self.packets_in += 1
+            if ancillary != last_ancillary:  # the same local address as the packet before: the same source
+                last_ancillary = ancillary
+                last_source = self._source_for(ancillary)
+            self._arrival_source = last_source
+            try:
+                self._datagram_received(data, (addr[0], addr[1]), now)
+            finally:
+                self._arrival_source = None
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_dirty)
+
+    def _source_for(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]] | None:
+        """The cmsg that sends from the address a packet arrived at (None: let the kernel choose)."""
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+                local = _IN_PKTINFO.unpack_from(data)[2]
+                cmsg = (socket.IPPROTO_IP, _IP_PKTINFO, _IN_PKTINFO.pack(0, local, bytes(4)))
+            elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= _IN6_PKTINFO.size:
+                local = _IN6_PKTINFO.unpack_from(data)[0]
+                cmsg = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(local, 0))
+            else:
+                continue
+            source = self._sources.get(local)
+            if source is None:
+                if len(self._sources) >= _MAX_SOURCES:
+                    self._sources.clear()
+                source = self._sources[local] = [cmsg]
+            return source
+        return None
 
     def _datagram_received(self, data: bytes, addr: Address, now: float) -> None:
         if not data:
@@ -253,6 +319,8 @@ class Endpoint:
                 return
         if now - link.last_received > _QUIET:
             link.ack_now = True
+        if self._arrival_source is not None:
+            link.source = self._arrival_source
         link.last_received = now
         link.quic.receive_datagram(data, addr, now)
         self._process(link)
@@ -282,6 +350,7 @@ class Endpoint:
                     supported_versions=self._supported_versions,
                 ),
                 addr,
+                self._arrival_source,
             )
             return None
         if header.packet_type != QuicPacketType.INITIAL or len(data) < _SMALLEST_INITIAL:
@@ -317,7 +386,7 @@ class Endpoint:
             return header.destination_cid, None
         reply, ids = guard.retry_check(header, addr, now)
         if reply is not None:
-            self._sendto(reply, addr)
+            self._sendto(reply, addr, self._arrival_source)
         return ids
 
     # --- events, timers, send ---------------------------------------------------------------
@@ -365,12 +434,12 @@ class Endpoint:
     def _send_pending(self, link: Link) -> None:
         packets = link.quic.datagrams_to_send(now=self._loop.time())
         if len(packets) > 1 and self.gso:
-            self._send_segmented(packets)
+            self._send_segmented(packets, link.source)
             return
         for data, addr in packets:
-            self._sendto(data, addr)
+            self._sendto(data, addr, link.source)
 
-    def _send_segmented(self, packets: list[tuple[bytes, Address]]) -> None:
+    def _send_segmented(self, packets: list[tuple[bytes, Address]], source: list[tuple[int, int, bytes]] | None) -> None:
         """Runs of packets to one address, all of the first one's size but the last, in one sendmsg each."""
         count = len(packets)
         start = 0
@@ -389,32 +458,38 @@ class Endpoint:
                 if length < size:
                     break  # a shorter packet can only be the last segment
             if end - start == 1:
-                self._sendto(first, addr)
+                self._sendto(first, addr, source)
             else:
-                self._sendmsg_segments([data for data, _ in packets[start:end]], size, addr)
+                self._sendmsg_segments([data for data, _ in packets[start:end]], size, addr, source)
             start = end
 
-    def _sendmsg_segments(self, buffers: list[bytes], size: int, addr: Address) -> None:
+    def _sendmsg_segments(
+        self, buffers: list[bytes], size: int, addr: Address, source: list[tuple[int, int, bytes]] | None
+    ) -> None:
         if self._sock is None:
             return
         try:
-            self._sock.sendmsg(buffers, [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))], 0, addr)
+            segment = [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+            self._sock.sendmsg(buffers, segment + source if source else segment, 0, addr)
             self.packets_out += len(buffers)
         except OSError as error:
             if error.errno in _GSO_UNSUPPORTED:  # no GSO on this path (device, kernel): plain sends from now on
                 log.info("UDP GSO unavailable (%s): one sendto per packet", error)
                 self.gso = False
                 for data in buffers:
-                    self._sendto(data, addr)
+                    self._sendto(data, addr, source)
                 return
             self.send_errors += 1
             log.debug("send to %s failed: %s", addr, error)
 
-    def _sendto(self, data: bytes, addr: Address) -> None:
+    def _sendto(self, data: bytes, addr: Address, source: list[tuple[int, int, bytes]] | None = None) -> None:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(data, addr)
+            if source:
+                self._sock.sendmsg([data], source, 0, addr)
+            else:
+                self._sock.sendto(data, addr)
             self.packets_out += 1
         except OSError as error:  # full buffer or unreachable: the datagram is lost, QUIC recovers
             self.send_errors += 1
@@ -428,6 +503,18 @@ class Endpoint:
         link.quic.handle_timer(now=self._loop.time())
         self._process(link)
         self._flush_dirty()
+
+
+def _enable_pktinfo(sock: socket.socket) -> bool:
+    """Ask for each packet's destination address (both families on a dual-stack socket); False if refused."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)  # IPv4 (and v4-mapped on a dual-stack socket)
+    except OSError as error:
+        log.info("no IP_PKTINFO on the wildcard socket (%s): replies leave from the kernel's source choice", error)
+        return False
+    return True
 
 
 def _gso_available(sock: socket.socket) -> bool:

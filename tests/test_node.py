@@ -163,6 +163,30 @@ async def test_a_reply_carries_the_ack_of_its_request(mesh3: dict[str, Node]) ->
     assert count <= sent <= count * 1.1, f"beta sent {sent} packets for {count} replies"
 
 
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+async def test_a_wildcard_listener_answers_from_the_address_it_was_dialed_at(tmp_path: Path, wildcard: str) -> None:
+    """alpha listens on a wildcard address and is dialed at 127.0.0.7, one of the host's other addresses.
+
+    The kernel would answer from 127.0.0.1 (its pick for the route back), and a QUIC client ignores a
+    handshake from another address: without IP_PKTINFO beta never connects. alpha cannot dial beta here
+    (a port nobody listens on), so only beta's dial can make the connection.
+    """
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    alpha, beta = configs["alpha"], configs["beta"]
+    port = alpha.node.listen.port
+    listen = dataclasses.replace(alpha.node.listen, host=wildcard)
+    nowhere = Address("127.0.0.1", 9)  # discard port: nothing answers
+    alpha = dataclasses.replace(alpha, node=dataclasses.replace(alpha.node, listen=listen),
+                                peers=tuple(dataclasses.replace(p, address=nowhere) for p in alpha.peers))
+    beta = dataclasses.replace(beta, peers=tuple(dataclasses.replace(p, address=Address("127.0.0.7", port))
+                                                 for p in beta.peers))
+    async with Node(alpha) as a, Node(beta) as b:
+        await b.wait_connected(timeout=5)
+        a.set_request_handler(lambda peer, data: data)
+        assert await b.request("alpha", b"which address?", timeout=5) == b"which address?"
+        assert {peer.name: peer.remote_address for peer in b.peers()}["alpha"].startswith("127.0.0.7:")
+
+
 async def test_message_size_limit_is_enforced_on_both_sides(tmp_path: Path) -> None:
     configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
     configs["beta"] = with_limits(configs["beta"], max_message_size=1000)
