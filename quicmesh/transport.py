@@ -130,7 +130,7 @@ class Endpoint:
         self.guard: Guard | None = None
         self._handshaking: set[Link] = set()  # accepted links whose handshake may still be in progress
         self._pktinfo = False  # wildcard socket: packets carry their destination address (see _IP_PKTINFO)
-        self._arrival_source: list[tuple[int, int, bytes]] | None = None  # of the packet being processed
+        self._arrival_source: list[tuple[int, int, bytes]] | None = None  # of the last packet read (pktinfo)
         self._sources: dict[bytes, list[tuple[int, int, bytes]]] = {}
 
     # --- socket ---------------------------------------------------------------------------
@@ -232,50 +232,28 @@ class Endpoint:
         sock = self._sock
         if sock is None:
             return
-        if self._pktinfo:
-            self._on_readable_pktinfo(sock)
-            return
         now = self._loop.time()
         size = self._receive_size
+        pktinfo = self._pktinfo
+        last_ancillary: list[tuple[int, int, bytes]] | None = None
         for _ in range(_READ_BATCH):
             try:
-                data, addr = sock.recvfrom(size)
+                if pktinfo:  # a wildcard socket: note where each packet was sent to (see _IP_PKTINFO)
+                    data, ancillary, _flags, addr = sock.recvmsg(size, _PKTINFO_SPACE)
+                else:
+                    data, addr = sock.recvfrom(size)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
                 log.debug("socket receive error: %s", error)
                 continue
             self.packets_in += 1
+            if pktinfo and ancillary != last_ancillary:  # same local address as the packet before: same source
+                last_ancillary = ancillary
+                self._arrival_source = self._source_for(ancillary)
             self._datagram_received(data, (addr[0], addr[1]), now)
         # Flush (ACKs, replies) on the next turn of the loop, after the tasks woken by what just arrived:
         # the application sees a datagram before our ACK's sendto (which, on loopback, costs tens of us).
-        if self._dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_dirty)
-
-    def _on_readable_pktinfo(self, sock: socket.socket) -> None:
-        """_on_readable for a wildcard socket: recvmsg, and remember where each packet was sent to."""
-        now = self._loop.time()
-        size = self._receive_size
-        last_ancillary: list[tuple[int, int, bytes]] | None = None
-        last_source: list[tuple[int, int, bytes]] | None = None
-        for _ in range(_READ_BATCH):
-            try:
-                data, ancillary, _flags, addr = sock.recvmsg(size, _PKTINFO_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as error:
-                log.debug("socket receive error: %s", error)
-                continue
-            self.packets_in += 1
-            if ancillary != last_ancillary:  # the same local address as the packet before: the same source
-                last_ancillary = ancillary
-                last_source = self._source_for(ancillary)
-            self._arrival_source = last_source
-            try:
-                self._datagram_received(data, (addr[0], addr[1]), now)
-            finally:
-                self._arrival_source = None
         if self._dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_dirty)

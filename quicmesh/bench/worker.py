@@ -94,25 +94,22 @@ class Receiver:
         self.last = 0.0
 
     def datagram(self, peer: str, payload: bytes) -> None:
-        t = now()
-        stats = self.per_peer.get(peer) or self.per_peer.setdefault(peer, PeerTally(t))
-        stats.received += 1
-        stats.bytes += len(payload)
-        stats.last = self.last = t
-        self.count += 1
+        t = self.counted(peer, len(payload))
         if len(payload) >= _HEADER_SIZE:
             self.samples.add(t - _unpack_header(payload)[1])
 
     def message(self, peer: str, payload: bytes) -> None:
         self.counted(peer, len(payload))
 
-    def counted(self, peer: str, nbytes: int) -> None:
+    def counted(self, peer: str, nbytes: int) -> float:
+        """Count one item; returns the time it was counted at."""
         t = now()
         stats = self.per_peer.get(peer) or self.per_peer.setdefault(peer, PeerTally(t))
         stats.received += 1
         stats.bytes += nbytes
         stats.last = self.last = t
         self.count += 1
+        return t
 
     def report(self) -> dict[str, Any]:
         peers = {name: {slot: getattr(tally, slot) for slot in PeerTally.__slots__} for name, tally in self.per_peer.items()}
