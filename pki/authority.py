@@ -1,7 +1,7 @@
 """The mesh CA: create a root or intermediate CA, issue node certificates, revoke them with a CRL.
 
 Everything quicmesh-pki writes is standard X.509 that `openssl verify` accepts, and satisfies the identity
-rules of quicmesh.identity: a CA records its mesh as the URI SAN ``quicmesh://<mesh>``; a node
+rules of quicmesh.protocol.identity: a CA records its mesh as the URI SAN ``quicmesh://<mesh>``; a node
 certificate carries ``quicmesh://<mesh>/<node>``, EKU serverAuth + clientAuth, critical KU
 digitalSignature, CA:FALSE, and never outlives its issuer.
 """
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from quicmesh.errors import IdentityError
-from quicmesh.identity import (
+from quicmesh.protocol.identity import (
     as_utc,
     ca_mesh,
     certificate_label,
@@ -38,11 +38,11 @@ from quicmesh.identity import (
     mesh_uri,
     normalize_fingerprint,
 )
-from quicmesh.names import is_valid_name, validate_name
+from quicmesh.protocol.names import is_valid_name, validate_name
 
-from . import PkiError
-from .files import PUBLIC_MODE, SECRET_MODE, make_private_dir, refuse_existing, write_file
-from .layout import CA_CERT, CA_CHAIN, CA_KEY, CRL, ISSUED, NODE_CERT, NODE_KEY, refresh_crl_copies
+from pki import PkiError
+from pki.files import PUBLIC_MODE, SECRET_MODE, make_private_dir, refuse_existing, write_file
+from pki.layout import CA_CERT, CA_CHAIN, CA_KEY, CRL, ISSUED, NODE_CERT, NODE_KEY, refresh_crl_copies
 
 KEY_TYPES = ("p256", "p384", "ed25519", "rsa2048")
 DEFAULT_KEY_TYPE = "p256"

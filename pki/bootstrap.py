@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from quicmesh.identity import NodeIdentity, fingerprint, identity_of, load_certificates
-from quicmesh.names import validate_name
+from quicmesh.protocol.identity import NodeIdentity, fingerprint, identity_of, load_certificates
+from quicmesh.protocol.names import validate_name
 
-from . import PkiError
-from .authority import (
+from pki import PkiError
+from pki.authority import (
     DEFAULT_CA_DAYS,
     DEFAULT_KEY_TYPE,
     DEFAULT_NODE_DAYS,
@@ -27,8 +27,8 @@ from .authority import (
     issue_node_cert,
     normalize_dns_name,
 )
-from .files import PUBLIC_MODE, make_private_dir, write_file
-from .layout import (
+from pki.files import PUBLIC_MODE, make_private_dir, write_file
+from pki.layout import (
     BOOTSTRAP_CA,
     CA_CERT,
     CRL,

@@ -17,10 +17,10 @@ from typing import NoReturn
 from cryptography import x509
 
 from quicmesh.errors import IdentityError, QuicmeshError
-from quicmesh.identity import certificate_label, fingerprint, format_utc, load_certificates
+from quicmesh.protocol.identity import certificate_label, fingerprint, format_utc, load_certificates
 
-from . import PkiError
-from .authority import (
+from pki import PkiError
+from pki.authority import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
     DEFAULT_INTERMEDIATE_DAYS,
@@ -36,9 +36,9 @@ from .authority import (
     revoke,
     update_crl,
 )
-from .bootstrap import bootstrap, parse_node_spec
-from .layout import BOOTSTRAP_CA, MANIFEST, NODE_CONFIG
-from .report import describe_file, format_text, trust_policy_for
+from pki.bootstrap import bootstrap, parse_node_spec
+from pki.layout import BOOTSTRAP_CA, MANIFEST, NODE_CONFIG
+from pki.report import describe_file, format_text, trust_policy_for
 
 PROG = "quicmesh-pki"
 

@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-from . import PkiError
+from pki import PkiError
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644

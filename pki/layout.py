@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quicmesh.errors import InvalidNameError
-from quicmesh.names import validate_name
+from quicmesh.protocol.names import validate_name
 
-from . import PkiError
-from .files import PUBLIC_MODE, write_file
+from pki import PkiError
+from pki.files import PUBLIC_MODE, write_file
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from quicmesh.errors import IdentityError
-from quicmesh.identity import (
+from quicmesh.protocol.identity import (
     TrustPolicy,
     as_utc,
     ca_mesh,
@@ -24,7 +24,7 @@ from quicmesh.identity import (
     load_crls,
 )
 
-from . import PkiError
+from pki import PkiError
 
 EXPIRY_WARNING_DAYS = 30
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

@@ -6,10 +6,10 @@ mesh; see docs/API.md.
 
 from __future__ import annotations
 
-from .config import Config, load_config
-from .errors import *  # noqa: F403  (the exception hierarchy is part of the public API)
-from .errors import __all__ as _errors_all
-from .node import Node, PeerEvent, PeerStatus, Received
+from quicmesh.config import Config, load_config
+from quicmesh.errors import *  # noqa: F403  (the exception hierarchy is part of the public API)
+from quicmesh.errors import __all__ as _errors_all
+from quicmesh.runtime.node import Node, PeerEvent, PeerStatus, Received
 
 __version__ = "0.1.0"
 __all__ = ["Config", "Node", "PeerEvent", "PeerStatus", "Received", "load_config", *_errors_all]

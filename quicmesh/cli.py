@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config, load_config, render_config
-from .control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
+from quicmesh import __version__
+from quicmesh.config import Config, load_config, render_config
+from quicmesh.ops.control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
                       fetch_status, socket_path)
-from .errors import ConfigError, IdentityError, QuicmeshError
-from .logs import FORMATS, LEVELS
-from .status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
+from quicmesh.errors import ConfigError, IdentityError, QuicmeshError
+from quicmesh.ops.logs import FORMATS, LEVELS
+from quicmesh.ops.status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
                      problem_summary, render)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
@@ -137,7 +137,7 @@ def build_parser() -> _Parser:
     demo.add_argument("--nodes", type=_count, default=3, metavar="N", help="how many nodes (2-8, default 3)")
     demo.add_argument("--keep", action="store_true", help="leave the nodes running and say how to use them")
 
-    from .bench import cli as bench_cli  # argparse only: the bench processes import aioquic themselves
+    from quicmesh.bench import cli as bench_cli  # argparse only: the bench processes import aioquic themselves
 
     bench = command("bench", "measure datagram, message, request and bulk rates, loss and latency on loopback",
                     _cmd_bench, bench_cli.EPILOG)
@@ -177,7 +177,7 @@ def config_error_lines(exc: ConfigError) -> list[str]:
 # --- run, check-config ----------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    from .daemon import run  # the node (and aioquic) only for the commands that need them
+    from quicmesh.ops.daemon import run  # the node (and aioquic) only for the commands that need them
 
     return run(args.config, config, log_level=args.log_level, log_format=args.log_format)
 
@@ -189,7 +189,7 @@ def check_credentials(config: Config) -> tuple[dict[str, Any], list[str]]:
     """
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from . import identity
+    from quicmesh.protocol import identity
 
     errors: list[str] = []
     facts: dict[str, Any] = {}
@@ -438,13 +438,13 @@ async def _listen(path: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import cli as bench_cli
+    from quicmesh.bench import cli as bench_cli
 
     return bench_cli.run(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from quicmesh.ops.demo import run_demo
 
     if not 2 <= args.nodes <= 8:
         args.parser.error("--nodes must be between 2 and 8")

@@ -1,7 +1,7 @@
 """The node config (docs/CONFIG.md): TOML -> frozen dataclasses, every error reported at once.
 
 Pure on purpose: besides reading the config file it only stats the files it names. Certificates are
-parsed by quicmesh.identity, sockets opened by the node. Each section is described by a small table
+parsed by quicmesh.protocol.identity, sockets opened by the node. Each section is described by a small table
 (key, check, required); defaults live in the dataclasses, so the schema cannot disagree with them.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InvalidNameError
-from .names import validate_name
+from quicmesh.errors import ConfigError, InvalidNameError
+from quicmesh.protocol.names import validate_name
 
 __all__ = [
     "Address",

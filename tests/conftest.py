@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from quicmesh.control import fetch_status
-from quicmesh.demo import LocalNode, make_local_mesh, start_node, stop_nodes, wait_healthy
+from quicmesh.ops.control import fetch_status
+from quicmesh.ops.demo import LocalNode, make_local_mesh, start_node, stop_nodes, wait_healthy
 
 CLI_TIMEOUT = 30.0  # no single command of a test may take longer
 

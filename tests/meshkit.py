@@ -11,8 +11,8 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
-from quicmesh.demo import free_udp_ports
-from quicmesh.node import Node
+from quicmesh.ops.demo import free_udp_ports
+from quicmesh.runtime.node import Node
 
 
 def make_mesh(

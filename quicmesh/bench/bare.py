@@ -26,8 +26,8 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from quicmesh import identity, wire
-from quicmesh._aioquic import MeshQuicConnection
+from quicmesh.protocol import identity, wire
+from quicmesh.transport._aioquic import MeshQuicConnection
 from quicmesh.config import load_config
 
 _SEQ = struct.Struct("<Q")

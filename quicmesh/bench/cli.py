@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from . import IMPLS, MODES
-from .runner import BenchOptions, banner, render_csv, render_text, run_bench
+from quicmesh.bench import IMPLS, MODES
+from quicmesh.bench.runner import BenchOptions, banner, render_csv, render_text, run_bench
 
 BULK_SIZE = 1024 * 1024
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-from .common import loop_names, resolve_loop
-from .runner import BenchOptions, run_bench
+from quicmesh.bench.common import loop_names, resolve_loop
+from quicmesh.bench.runner import BenchOptions, run_bench
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(loop_results, figures), flush=True)
     mesh_results = None
     if args.mesh:
-        from .meshscale import add_marginal, render_mesh, run_mesh
+        from quicmesh.bench.meshscale import add_marginal, render_mesh, run_mesh
 
         sizes = [int(n) for n in args.mesh.split(",") if n.strip()]
         mesh_results = add_marginal([run_mesh(n, loop=loops[-1], log=log) for n in sorted(sizes)])

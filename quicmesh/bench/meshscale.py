@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import emit, resolve_loop, run_on
-from .runner import _spawn_generic
+from quicmesh.bench.common import emit, resolve_loop, run_on
+from quicmesh.bench.runner import _spawn_generic
 
 CONVERGE_TIMEOUT = float(os.environ.get("QUICMESH_MESHSCALE_TIMEOUT", "60"))
 IDLE_SETTLE = 2.0
@@ -48,7 +48,7 @@ def _cpu_of(pid: int) -> float:
 
 async def _node_main(config_path: str, host: str) -> int:
     from quicmesh.config import load_config
-    from quicmesh.node import Node
+    from quicmesh.runtime.node import Node
 
     import logging
 

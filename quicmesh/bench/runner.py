@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..demo import free_udp_ports
-from .common import MIN_SIZE, resolve_loop
+from quicmesh.ops.demo import free_udp_ports
+from quicmesh.bench.common import MIN_SIZE, resolve_loop
 
 READY_TIMEOUT = 45.0
 EXIT_TIMEOUT = 10.0

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .common import HEADER, Samples, emit, now, percentiles, run_on
+from quicmesh.bench.common import HEADER, Samples, emit, now, percentiles, run_on
 
 #: Datagrams a sender lets wait in the local queues (quicmesh's, or aioquic's) before it yields.
 DATAGRAM_HIGH_WATER = 256
@@ -127,7 +127,7 @@ class QuicmeshImpl:
 
     async def start(self) -> None:
         from quicmesh.config import load_config
-        from quicmesh.node import Node
+        from quicmesh.runtime.node import Node
 
         config = load_config(self.job["config"])
         wanted = set(self.job["peers"])
@@ -179,7 +179,7 @@ class QuicmeshImpl:
 
 def make_impl(job: dict[str, Any], receiver: Receiver | None) -> Any:
     if job["impl"] == "bare":
-        from .bare import BareImpl
+        from quicmesh.bench.bare import BareImpl
 
         return BareImpl(job, receiver)
     return QuicmeshImpl(job, receiver)

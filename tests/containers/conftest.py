@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # `deploy` is a top-level folder of the checkout, not an installed package
 
-from deploy import cluster as harness  # noqa: E402
+from containers import cluster as harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEASURED = harness.Measurements()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import cluster as harness
+from containers import cluster as harness
 
 pytestmark = pytest.mark.containers
 

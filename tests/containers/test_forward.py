@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from deploy import cluster as harness
+from containers import cluster as harness
 
 pytestmark = pytest.mark.containers
 

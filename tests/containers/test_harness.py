@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deploy import cluster as harness
+from containers import cluster as harness
 
 pytestmark = pytest.mark.containers
 
@@ -119,7 +119,7 @@ def test_kill_start_pause_restart_keep_addresses(echo):
 OWNER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from deploy import cluster as harness
+from containers import cluster as harness
 with harness.Cluster(2, prefix="qmharness", entrypoint="sleep", command=["600"], pki=False) as c:
     print(c.name, flush=True)
     time.sleep(600)

@@ -1,5 +1,5 @@
 """A real 5-node mesh in containers under real faults: convergence, failure detection, recovery, and
-reliable delivery through loss and partitions. Timers are those of deploy.cluster.TEST_TIMERS
+reliable delivery through loss and partitions. Timers are those of tests/containers/cluster.py (TEST_TIMERS)
 (keepalive 1 s, dead_after 3 s). Every wait is bounded; every fault is undone in a finally."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from deploy import cluster as harness
+from containers import cluster as harness
 
 pytestmark = pytest.mark.containers
 
@@ -207,7 +207,7 @@ def test_5000_messages_exactly_once_through_loss_and_partition(mesh_ok: harness.
 # listener would show the 4 MiB messages' own delivery time, not the transport's.
 PROBE = """
 import asyncio, json, os, sys, time
-from quicmesh.control import ControlClient
+from quicmesh.ops.control import ControlClient
 peer, tag, count, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 
 async def main():

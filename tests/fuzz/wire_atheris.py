@@ -11,7 +11,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from quicmesh import wire
+    from quicmesh.protocol import wire
     from quicmesh.errors import ProtocolError
 
 

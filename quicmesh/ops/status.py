@@ -1,0 +1,265 @@
+"""Node status: the JSON document the control socket serves, its health verdict, and its table.
+
+The daemon builds the document (``build_status``); clients only read it, so `quicmesh status`,
+health checks and scripts all judge health by the same rule (``exit_code``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from quicmesh import __version__
+
+SCHEMA = 1
+CERT_WARNING_DAYS = 30
+
+# Exit codes of `quicmesh status`, in the Nagios tradition (3 = "could not even ask").
+EXIT_HEALTHY = 0      # every configured peer is connected
+EXIT_UNREACHABLE = 1  # no daemon answers on the control socket
+EXIT_DEGRADED = 2     # the daemon runs, but some configured peer is not connected
+EXIT_USAGE = 3        # bad arguments or an unusable config file
+
+
+def format_address(address: Any) -> str:
+    """``("::1", 4433)`` -> ``[::1]:4433``; strings pass through; None -> ``-``."""
+    if address is None:
+        return "-"
+    if isinstance(address, str):
+        return address
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_status(node: Any, *, started: float, control: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document (schema 1) of a running ``Node``; raw numbers, JSON-ready."""
+    now = time.time()
+    peers = [peer.to_dict() for peer in node.peers()]
+    connected = sum(1 for peer in peers if peer.get("state") == "connected")
+    not_after: datetime = node.cert_not_after
+    return {
+        "schema": SCHEMA,
+        "node": node.name,
+        "mesh": node.mesh,
+        "listen": format_address(node.listen_address),
+        "fingerprint": node.fingerprint,
+        "cert_not_after": not_after.astimezone(timezone.utc).isoformat(),
+        "cert_days_left": (not_after.timestamp() - now) / 86400,
+        "peers_connected": connected,
+        "peers_total": len(peers),
+        "healthy": connected == len(peers),
+        "peers": peers,
+        "time": now,
+        "uptime": now - started,
+        "pid": os.getpid(),
+        "version": __version__,
+        "control": control or {},
+        **_forwarding(node),
+        **_guard(node, now),
+    }
+
+
+def _guard(node: Any, now: float) -> dict[str, Any]:
+    """Strangers' drop counters and the CA's expiry (additive to schema 1: absent on older nodes)."""
+    extra: dict[str, Any] = {}
+    guard_status = getattr(node, "guard_status", None)
+    guard = guard_status() if callable(guard_status) else None
+    if guard is not None:
+        extra["guard"] = guard
+    ca_not_after = getattr(node, "ca_not_after", None)
+    if isinstance(ca_not_after, datetime):
+        extra["ca_not_after"] = ca_not_after.astimezone(timezone.utc).isoformat()
+        extra["ca_days_left"] = (ca_not_after.timestamp() - now) / 86400
+    return extra
+
+
+def _forwarding(node: Any) -> dict[str, Any]:
+    """UDP service forwarding counters (additive to schema 1: absent when the node has no forwarder)."""
+    forwarder = getattr(node, "forward_handler", None)
+    return {"forwarding": forwarder.status()} if forwarder is not None else {}
+
+
+def exit_code(status: dict[str, Any] | None) -> int:
+    """The `quicmesh status` exit code for a status document (None: the daemon did not answer)."""
+    if status is None:
+        return EXIT_UNREACHABLE
+    return EXIT_HEALTHY if status["peers_connected"] >= status["peers_total"] else EXIT_DEGRADED
+
+
+# --- human formatting ---------------------------------------------------------------------------
+def format_duration(seconds: float) -> str:
+    """Coarse and short, for tables: 0.4s, 12s, 3m, 2h5m, 4d."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:.0f}m"
+    return f"{seconds // 86400:.0f}d"
+
+
+def format_rtt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def format_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    scale = 0
+    while count >= 1024 and scale < len(units) - 1:
+        count /= 1024
+        scale += 1
+    return f"{count:.0f} B" if scale == 0 else f"{count:.1f} {units[scale]}"
+
+
+def format_cert(days_left: float) -> str:
+    if days_left < 0:
+        return f"cert EXPIRED {format_duration(-days_left * 86400)} ago"
+    left = f"{days_left:.0f}d" if days_left >= 1 else format_duration(days_left * 86400)
+    warning = " WARNING: renew it soon" if days_left < CERT_WARNING_DAYS else ""
+    return f"cert {left} left{warning}"
+
+
+def _ago(then: float | None, now: float) -> str:
+    if not then:
+        return "-"
+    seconds = max(0.0, now - then)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{format_duration(seconds)} ago"
+
+
+def _problem(peer: dict[str, Any]) -> str:
+    """LAST-ERROR/NEXT-RETRY: why a peer is not (or was not) connected, and when it is retried."""
+    parts = []
+    if peer.get("last_error"):
+        parts.append(str(peer["last_error"]))
+    if peer.get("state") != "connected" and peer.get("next_retry") is not None:
+        parts.append(f"retry in {format_duration(max(0.0, peer['next_retry']))}")
+    return ", ".join(parts) or "-"
+
+
+def peer_row(peer: dict[str, Any], now: float) -> list[str]:
+    counters = peer.get("counters") or {}
+    connected = peer.get("state") == "connected"
+    return [
+        str(peer.get("name", "?")),
+        str(peer.get("state", "?")),
+        format_address(peer.get("remote_address") if connected and peer.get("remote_address") else peer.get("address")),
+        format_rtt(peer.get("rtt")) if connected else "-",
+        _ago(peer.get("last_seen"), now),
+        f"{counters.get('datagrams_in', 0)}/{counters.get('datagrams_out', 0)}",
+        f"{counters.get('messages_in', 0)}/{counters.get('messages_out', 0)}",
+        f"{format_bytes(counters.get('bytes_in', 0))}/{format_bytes(counters.get('bytes_out', 0))}",
+        str(counters.get("datagrams_dropped", 0)),
+        _problem(peer),
+    ]
+
+
+COLUMNS = ["PEER", "STATE", "ADDRESS", "RTT", "LAST-SEEN", "DGRAM-IN/OUT", "MSG-IN/OUT", "BYTES-IN/OUT",
+           "DROPS", "LAST-ERROR/NEXT-RETRY"]
+
+
+def header(status: dict[str, Any]) -> str:
+    line = (f"node {status['node']}  mesh {status['mesh']}  listen {status['listen']}  "
+            f"peers {status['peers_connected']}/{status['peers_total']} connected  "
+            f"{format_cert(status['cert_days_left'])}")
+    ca_days = status.get("ca_days_left")
+    if ca_days is not None and ca_days < CERT_WARNING_DAYS:
+        line += "  CA " + format_cert(ca_days)
+    return line
+
+
+def guard_line(status: dict[str, Any]) -> str | None:
+    """Strangers dropped before aioquic (quicmesh/guard.py), by reason; None while nothing was dropped."""
+    guard = status.get("guard")
+    if not guard or not guard.get("dropped"):
+        return None
+    counters = guard.get("counters") or {}
+    drops = ", ".join(f"{name} {count}" for name, count in counters.items() if count and name != "retry_sent")
+    line = f"guard: {guard.get('dropped', 0)} dropped" + (f" ({drops})" if drops else "")
+    if guard.get("allowlist") is not None:
+        line += f", allowlist of {len(guard['allowlist'])}"
+    if guard.get("retry"):
+        line += f", retry on ({counters.get('retry_sent', 0)} sent)"
+    return line
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows aligned in columns two spaces apart; the last column (free text) is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
+
+
+def render(status: dict[str, Any]) -> str:
+    """The human status: a header line, then one aligned line per peer."""
+    now = status.get("time") or time.time()
+    lines = [header(status)]
+    if status["peers"]:
+        lines += _table([COLUMNS] + [peer_row(peer, now) for peer in status["peers"]])
+    else:
+        lines.append("no peers configured")
+    lines += render_forwarding(status.get("forwarding") or {})
+    if (guard := guard_line(status)) is not None:
+        lines.append(guard)
+    return "\n".join(lines)
+
+
+SERVICE_COLUMNS = ["SERVICE", "TARGET", "ALLOW", "FLOWS", "DGRAM-IN/OUT", "BYTES-IN/OUT", "DROPS"]
+FORWARD_COLUMNS = ["FORWARD", "TO", "STATE", "FLOWS", "DGRAM-OUT/IN", "BYTES-OUT/IN", "DROPS"]
+
+
+def _drops(counters: dict[str, Any], keys: tuple[str, ...]) -> str:
+    parts = [f"{key} {counters[key]}" for key in keys if counters.get(key)]
+    return ", ".join(parts) or "0"
+
+
+def render_forwarding(forwarding: dict[str, Any]) -> list[str]:
+    """The services and forwards tables of the human status (nothing when none are configured)."""
+    lines: list[str] = []
+    services, forwards = forwarding.get("services") or [], forwarding.get("forwards") or []
+    if services:
+        rows = [SERVICE_COLUMNS]
+        for service in services:
+            c = service.get("counters") or {}
+            allow = service.get("allow")
+            rows.append([
+                str(service.get("name")), str(service.get("target")),
+                "*" if allow is None else (",".join(allow) or "nobody"),
+                str(service.get("flows_active", 0)),
+                f"{c.get('datagrams_in', 0)}/{c.get('datagrams_out', 0)}",
+                f"{format_bytes(c.get('bytes_in', 0))}/{format_bytes(c.get('bytes_out', 0))}",
+                _drops(c, ("denied", "flows_refused", "oversize", "dropped")),
+            ])
+        lines += ["", *_table(rows)]
+    if forwards:
+        rows = [FORWARD_COLUMNS]
+        for forward in forwards:
+            c = forward.get("counters") or {}
+            rows.append([
+                str(forward.get("listen")), f"{forward.get('peer')}/{forward.get('service')}",
+                str(forward.get("state")), str(forward.get("flows_active", 0)),
+                f"{c.get('datagrams_out', 0)}/{c.get('datagrams_in', 0)}",
+                f"{format_bytes(c.get('bytes_out', 0))}/{format_bytes(c.get('bytes_in', 0))}",
+                _drops(c, ("refused", "unavailable", "flows_refused", "oversize", "dropped")),
+            ])
+        lines += ["", *_table(rows)]
+    unknown = forwarding.get("unknown_service", 0)
+    if unknown:
+        lines.append(f"forwarded datagrams for services not exposed here: {unknown}")
+    return lines
+
+
+def problem_summary(status: dict[str, Any]) -> str:
+    """One line saying which peers are down and why (for `--check` and the demo)."""
+    down = [f"{p.get('name')} ({p.get('state')}" + (f": {_problem(p)})" if _problem(p) != "-" else ")")
+            for p in status["peers"] if p.get("state") != "connected"]
+    head = f"{status['node']}: {status['peers_connected']}/{status['peers_total']} peers connected"
+    return head + (f"; not connected: {', '.join(down)}" if down else "")
