@@ -1,0 +1,118 @@
+"""The quicmesh wire format: encoders and incremental decoders. docs/PROTOCOL.md is the spec.
+
+Pure: no I/O, no aioquic. Decoders take whatever chunks QUIC delivers and raise only
+:class:`~quicmesh.errors.ProtocolError` (carrying the :class:`ErrorCode` to close or reset with) on bad
+input, so a hostile peer can never crash a node. Encoders take values this node produced; an out-of-range
+value there is a local bug and raises ``ValueError``.
+
+Stream rule: every stream starts with a varint :class:`StreamType`. The receiver buffers a new stream's
+first bytes until :func:`read_stream_type` returns ``(type, consumed)``, then feeds the REST (from
+``consumed`` on) to the decoder for that type. Decoders never see the stream type; encoders of a whole
+stream (:func:`encode_message`, :func:`encode_request`) include it. A response has no type prefix.
+
+Submodules, by concern (every public name is re-exported here: use ``wire.X``):
+
+- :mod:`~quicmesh.protocol.wire.common`: ALPN, PROTOCOL_VERSION, limits, the code enums (ErrorCode,
+  DatagramKind, Feature, StreamType, ResponseStatus, FrameType), varints, the payload reader;
+- :mod:`~quicmesh.protocol.wire.datagrams`: APP/FORWARD/FORWARD_REPLY datagrams and BATCH datagrams;
+- :mod:`~quicmesh.protocol.wire.streams`: the stream type prefix, message/request/response encoders and
+  body decoders;
+- :mod:`~quicmesh.protocol.wire.control`: the control frames, encode_frame and ControlDecoder.
+"""
+
+from __future__ import annotations
+
+from quicmesh.protocol.wire.common import (
+    ALPN,
+    DATAGRAM_OVERHEAD,
+    FEATURES,
+    FORWARD_HEADER_MAX,
+    MAX_ACK_IDS,
+    MAX_CONTROL_FRAME_PAYLOAD,
+    MAX_FLOW_ID,
+    MAX_REASON_BYTES,
+    MAX_SERVICE_ID,
+    MAX_SERVICE_NAME_BYTES,
+    MAX_SERVICES,
+    MAX_VARINT,
+    PROTOCOL_VERSION,
+    DatagramKind,
+    ErrorCode,
+    Feature,
+    FrameType,
+    ResponseStatus,
+    StreamType,
+    decode_varint,
+    encode_varint,
+)
+from quicmesh.protocol.wire.control import Ack, ControlDecoder, Frame, GoAway, Hello, Reject, Services, encode_frame
+from quicmesh.protocol.wire.datagrams import (
+    app_batch_entry,
+    batch_entry,
+    decode_datagram,
+    decode_datagram_batch,
+    encode_app_datagram,
+    encode_datagram_batch,
+    encode_forward_datagram,
+    encode_forward_reply_datagram,
+    unbatch_entry,
+)
+from quicmesh.protocol.wire.streams import (
+    MessageDecoder,
+    RequestDecoder,
+    ResponseDecoder,
+    encode_message,
+    encode_request,
+    encode_response,
+    encode_stream_type,
+    read_stream_type,
+)
+
+__all__ = [
+    "ALPN",
+    "PROTOCOL_VERSION",
+    "DATAGRAM_OVERHEAD",
+    "MAX_VARINT",
+    "MAX_CONTROL_FRAME_PAYLOAD",
+    "MAX_REASON_BYTES",
+    "MAX_ACK_IDS",
+    "ErrorCode",
+    "DatagramKind",
+    "FEATURES",
+    "Feature",
+    "StreamType",
+    "ResponseStatus",
+    "FrameType",
+    "encode_varint",
+    "decode_varint",
+    "encode_app_datagram",
+    "encode_forward_datagram",
+    "encode_forward_reply_datagram",
+    "app_batch_entry",
+    "batch_entry",
+    "unbatch_entry",
+    "decode_datagram",
+    "decode_datagram_batch",
+    "encode_datagram_batch",
+    "encode_stream_type",
+    "read_stream_type",
+    "encode_message",
+    "encode_request",
+    "encode_response",
+    "MessageDecoder",
+    "RequestDecoder",
+    "ResponseDecoder",
+    "Hello",
+    "Ack",
+    "Reject",
+    "GoAway",
+    "Services",
+    "MAX_SERVICE_ID",
+    "MAX_FLOW_ID",
+    "FORWARD_HEADER_MAX",
+    "MAX_SERVICE_NAME_BYTES",
+    "MAX_SERVICES",
+    "Frame",
+    "encode_frame",
+    "ControlDecoder",
+]
