@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from quicmesh import __version__
-from quicmesh.config import Config, load_config, render_config
-from quicmesh.ops.control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
-                      fetch_status, socket_path)
+from quicmesh.config import LOG_FORMATS, LOG_LEVELS, Config, load_config, render_config
 from quicmesh.errors import ConfigError, IdentityError, QuicmeshError
-from quicmesh.ops.logs import FORMATS, LEVELS
-from quicmesh.ops.status import (CERT_WARNING_DAYS, EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code,
-                     problem_summary, render)
+from quicmesh.ops.control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
+                                  fetch_status, socket_path)
+from quicmesh.ops.status import (EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code, problem_summary,
+                                 render)
+from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 STATUS_POLL = 0.2       # seconds between two polls of `status --wait`
@@ -92,8 +92,8 @@ def build_parser() -> _Parser:
 
     run = command("run", "run a node (the daemon) until SIGTERM; SIGHUP reloads the config", _cmd_run)
     run.add_argument("-c", "--config", metavar="node.toml", required=True)
-    run.add_argument("--log-level", choices=LEVELS, help="overrides [log] level")
-    run.add_argument("--log-format", choices=FORMATS, help="overrides [log] format")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [log] level")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="overrides [log] format")
 
     check = command("check-config", "validate a config and its certificates; print the resolved config",
                     _cmd_check_config)
@@ -208,7 +208,8 @@ def check_credentials(config: Config) -> tuple[dict[str, Any], list[str]]:
     if chain:
         cert = chain[0]
         facts = {"fingerprint": identity.fingerprint(cert),
-                 "cert_not_after": cert.not_valid_after_utc.isoformat(), "cert_days_left": identity.days_left(cert)}
+                 "cert_not_after": cert.not_valid_after_utc.isoformat(),
+                 "cert_days_left": days_left(cert.not_valid_after_utc)}
         if key is not None:
             spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
             if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):

@@ -21,13 +21,16 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from quicmesh.config import MAX_SOCKET_PATH_BYTES, Config
 from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, PeerNotConnectedError,
-                     QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
+                             QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
 from quicmesh.ops.logs import fields
 from quicmesh.ops.status import build_status
+
+if TYPE_CHECKING:
+    from quicmesh.ops.view import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,9 @@ def b64encode(data: bytes) -> str:
 
 # --- server -------------------------------------------------------------------------------------
 class ControlServer:
-    """Serves one node's control socket; ``publish_*`` feed what the node receives to the listeners.
+    """Serves one node's control socket; ``publish_*`` feed what the node receives to the listeners."""
 
-    ``node`` is a started ``quicmesh.Node`` (typed loosely so that clients never import aioquic).
-    """
-
-    def __init__(self, node: Any, path: Path, *, max_message_size: int) -> None:
+    def __init__(self, node: NodeView, path: Path, *, max_message_size: int) -> None:
         self.node = node
         self.path = Path(path)
         self.started = time.time()

@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quicmesh.ops import logs
 from quicmesh.config import Config, load_config
-from quicmesh.ops.control import ControlServer, socket_path
 from quicmesh.errors import ConfigError, QuicmeshError
 from quicmesh.forwarding.forwarder import Forwarder
+from quicmesh.ops import logs
+from quicmesh.ops.control import ControlServer, socket_path
 from quicmesh.ops.logs import fields
 from quicmesh.ops.metrics import MetricsServer, cert_warnings
+from quicmesh.protocol.addresses import format_address
 from quicmesh.runtime.node import Node
-from quicmesh.ops.status import format_address
 
 log = logging.getLogger("quicmesh.daemon")
 

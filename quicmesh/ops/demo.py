@@ -26,12 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pki.bootstrap import NodeSpec, bootstrap
-
 from quicmesh.config import Address, load_config, render_config
-from quicmesh.ops.control import SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status
 from quicmesh.errors import QuicmeshError
-from quicmesh.protocol.identity import fingerprint, load_certificates
+from quicmesh.ops.control import SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status
 from quicmesh.ops.status import exit_code, problem_summary, render
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
@@ -72,6 +69,8 @@ def free_udp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def make_local_mesh(directory: Path, names: Iterable[str] = NAMES[:3], mesh: str = "demo") -> list[LocalNode]:
     """Bootstrap a mesh into ``directory`` (a CA, a folder per node) whose nodes listen on 127.0.0.1 only."""
+    from pki.bootstrap import NodeSpec, bootstrap  # cryptography: only when a mesh is made (not for `bench --help`)
+
     names = list(names)
     specs = [NodeSpec(name, "127.0.0.1", port) for name, port in zip(names, free_udp_ports(len(names)))]
     bootstrap(directory, mesh, specs)
@@ -166,6 +165,8 @@ class _Demo:
                 await client.close()
 
     def _pki(self) -> None:
+        from quicmesh.protocol.identity import fingerprint, load_certificates
+
         self.step("1. PKI: a throwaway CA for mesh 'demo' and a certificate per node (quicmesh-pki bootstrap)")
         began = time.monotonic()
         self.nodes = make_local_mesh(self.workdir, self.names)

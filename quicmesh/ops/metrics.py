@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
+
+from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
+
+if TYPE_CHECKING:
+    from quicmesh.ops.view import NodeView
 
 log = logging.getLogger("quicmesh.metrics")
 
-CERT_WARNING_DAYS = 30
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
 
@@ -42,17 +45,10 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def days_left(not_after: datetime, now: float | None = None) -> float:
-    return (not_after.timestamp() - (time.time() if now is None else now)) / 86400
-
-
-def cert_warnings(node: Any, now: float | None = None) -> list[str]:
+def cert_warnings(node: NodeView, now: datetime | None = None) -> list[str]:
     """Human warnings for the node's and the CA's certificates expiring in < 30 days (or expired)."""
     warnings = []
-    for what, not_after in (("node certificate", node.cert_not_after),
-                            ("mesh CA certificate", getattr(node, "ca_not_after", None))):
-        if not isinstance(not_after, datetime):
-            continue
+    for what, not_after in (("node certificate", node.cert_not_after), ("mesh CA certificate", node.ca_not_after)):
         left = days_left(not_after, now)
         if left < 0:
             warnings.append(f"{what} EXPIRED {-left:.1f} days ago ({not_after.isoformat()})")
@@ -71,7 +67,7 @@ def _failure_reason(reason: str) -> str:
     return "other"
 
 
-def render(node: Any, now: float | None = None) -> str:
+def render(node: NodeView, now: datetime | None = None) -> str:
     """The node's metrics in the Prometheus text format."""
     lines: list[str] = []
 
@@ -97,22 +93,19 @@ def render(node: Any, now: float | None = None) -> str:
     metric("quicmesh_datagrams_dropped_total", "counter", "Datagrams to or from the peer dropped, by reason.",
            [(f'{{peer="{_label(p.name)}",reason="{reason}"}}', int((p.counters or {}).get(f"datagrams_dropped_{reason}", 0)))
             for p in peers for reason in _DATAGRAM_DROP_REASONS])
-    reasons = Counter(_failure_reason(reason) for _, _, reason in getattr(node, "rejections", ()))
-    total = int(getattr(node, "rejection_count", 0))
+    reasons = Counter(_failure_reason(reason) for _, _, reason in node.rejections)
+    total = node.rejection_count
     if total > sum(reasons.values()):  # older entries fell out of the bounded history
         reasons["other"] += total - sum(reasons.values())
     metric("quicmesh_handshake_failures_total", "counter", "Handshakes refused, by reason.",
            [(f'{{reason="{r}"}}', reasons.get(r, 0)) for r in ("peer_certificate_rejected", "refused_by_peer",
                                                                  "inbound_tls_refused", "other")])
-    socket_counters = getattr(node, "socket_counters", None)
-    if callable(socket_counters):
-        udp = socket_counters()
-        metric("quicmesh_udp_packets_total", "counter", "UDP packets through the node's socket.",
-               [(f'{{direction="{d}"}}', int(udp[f"packets_{d}"])) for d in ("in", "out")])
-        metric("quicmesh_udp_send_errors_total", "counter", "UDP sends that failed (the packet was lost).",
-               [("", int(udp["send_errors"]))])
-    guard_status = getattr(node, "guard_status", None)
-    guard = guard_status() if callable(guard_status) else None
+    udp = node.socket_counters()
+    metric("quicmesh_udp_packets_total", "counter", "UDP packets through the node's socket.",
+           [(f'{{direction="{d}"}}', int(udp[f"packets_{d}"])) for d in ("in", "out")])
+    metric("quicmesh_udp_send_errors_total", "counter", "UDP sends that failed (the packet was lost).",
+           [("", int(udp["send_errors"]))])
+    guard = node.guard_status()
     if guard is not None:
         counters = guard.get("counters", {})
         metric("quicmesh_guard_dropped_total", "counter",
@@ -124,16 +117,16 @@ def render(node: Any, now: float | None = None) -> str:
                [("", int(guard.get("pending_handshakes", 0)))])
         metric("quicmesh_stray_packets_total", "counter", "Packets for no connection that were not Initials.",
                [("", int(guard.get("stray_packets", 0)))])
-    certs = [("node", node.cert_not_after), ("ca", getattr(node, "ca_not_after", None))]
+    certs = [("node", node.cert_not_after), ("ca", node.ca_not_after)]
     metric("quicmesh_cert_days_left", "gauge", "Days until the certificate expires (negative: expired).",
-           [(f'{{cert="{which}"}}', round(days_left(na, now), 3)) for which, na in certs if isinstance(na, datetime)])
+           [(f'{{cert="{which}"}}', round(days_left(not_after, now), 3)) for which, not_after in certs])
     return "\n".join(lines) + "\n"
 
 
 class MetricsServer:
     """Serves :func:`render` for one node over HTTP; ``start()`` binds, ``close()`` stops."""
 
-    def __init__(self, node: Any, host: str, port: int) -> None:
+    def __init__(self, node: NodeView, host: str, port: int) -> None:
         self.node = node
         self.host, self.port = host, port
         self._server: asyncio.Server | None = None

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quicmesh import __version__
+from quicmesh.protocol.addresses import format_address
+from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
+
+if TYPE_CHECKING:
+    from quicmesh.ops.view import NodeView
 
 SCHEMA = 1
-CERT_WARNING_DAYS = 30
 
 # Exit codes of `quicmesh status`, in the Nagios tradition (3 = "could not even ask").
 EXIT_HEALTHY = 0      # every configured peer is connected
@@ -23,30 +27,18 @@ EXIT_DEGRADED = 2     # the daemon runs, but some configured peer is not connect
 EXIT_USAGE = 3        # bad arguments or an unusable config file
 
 
-def format_address(address: Any) -> str:
-    """``("::1", 4433)`` -> ``[::1]:4433``; strings pass through; None -> ``-``."""
-    if address is None:
-        return "-"
-    if isinstance(address, str):
-        return address
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def build_status(node: Any, *, started: float, control: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_status(node: NodeView, *, started: float, control: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status document (schema 1) of a running ``Node``; raw numbers, JSON-ready."""
     now = time.time()
     peers = [peer.to_dict() for peer in node.peers()]
     connected = sum(1 for peer in peers if peer.get("state") == "connected")
-    not_after: datetime = node.cert_not_after
-    return {
+    document: dict[str, Any] = {
         "schema": SCHEMA,
         "node": node.name,
         "mesh": node.mesh,
         "listen": format_address(node.listen_address),
         "fingerprint": node.fingerprint,
-        "cert_not_after": not_after.astimezone(timezone.utc).isoformat(),
-        "cert_days_left": (not_after.timestamp() - now) / 86400,
+        **_expiry("cert", node.cert_not_after, now),
         "peers_connected": connected,
         "peers_total": len(peers),
         "healthy": connected == len(peers),
@@ -56,29 +48,19 @@ def build_status(node: Any, *, started: float, control: dict[str, Any] | None = 
         "pid": os.getpid(),
         "version": __version__,
         "control": control or {},
-        **_forwarding(node),
-        **_guard(node, now),
     }
+    # Additive to schema 1 (absent on older nodes): forwarding counters when the node forwards UDP,
+    # the strangers' drop counters once the node started, and the CA's expiry.
+    if node.forward_handler is not None:
+        document["forwarding"] = node.forward_handler.status()
+    if (guard := node.guard_status()) is not None:
+        document["guard"] = guard
+    return {**document, **_expiry("ca", node.ca_not_after, now)}
 
 
-def _guard(node: Any, now: float) -> dict[str, Any]:
-    """Strangers' drop counters and the CA's expiry (additive to schema 1: absent on older nodes)."""
-    extra: dict[str, Any] = {}
-    guard_status = getattr(node, "guard_status", None)
-    guard = guard_status() if callable(guard_status) else None
-    if guard is not None:
-        extra["guard"] = guard
-    ca_not_after = getattr(node, "ca_not_after", None)
-    if isinstance(ca_not_after, datetime):
-        extra["ca_not_after"] = ca_not_after.astimezone(timezone.utc).isoformat()
-        extra["ca_days_left"] = (ca_not_after.timestamp() - now) / 86400
-    return extra
-
-
-def _forwarding(node: Any) -> dict[str, Any]:
-    """UDP service forwarding counters (additive to schema 1: absent when the node has no forwarder)."""
-    forwarder = getattr(node, "forward_handler", None)
-    return {"forwarding": forwarder.status()} if forwarder is not None else {}
+def _expiry(which: str, not_after: datetime, now: float) -> dict[str, Any]:
+    return {f"{which}_not_after": not_after.astimezone(timezone.utc).isoformat(),
+            f"{which}_days_left": days_left(not_after, datetime.fromtimestamp(now, timezone.utc))}
 
 
 def exit_code(status: dict[str, Any] | None) -> int:

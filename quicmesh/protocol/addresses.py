@@ -1,11 +1,14 @@
-"""How quicmesh writes a UDP address for people: one formatter for logs, status, metrics and errors."""
+"""How quicmesh writes a UDP address for people: one formatter for logs, status, metrics, errors and config."""
 
 from __future__ import annotations
 
-from typing import Any
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host in brackets: the form config files use, so it parses back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def format_address(address: Any) -> str:
+def format_address(address: object) -> str:
     """``("::1", 4433)`` -> ``[::1]:4433``; an IPv4-mapped ``::ffff:10.0.0.1`` shows as ``10.0.0.1``;
     anything else (a string, a config ``Address``) as ``str()``; None or empty -> ``-``."""
     if not address:
@@ -13,6 +16,4 @@ def format_address(address: Any) -> str:
     if not isinstance(address, tuple):
         return str(address)
     host, port = address[0], address[1]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host.removeprefix("::ffff:"), port)

@@ -39,6 +39,8 @@ from quicmesh.errors import (
     UsageError,
     ValidityError,
 )
+from quicmesh.protocol.dates import as_utc, format_utc
+from quicmesh.protocol.fingerprints import normalize_fingerprint
 from quicmesh.protocol.names import validate_name
 
 URI_PREFIX = "quicmesh://"
@@ -144,31 +146,6 @@ def fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + _require_certificate(cert).fingerprint(hashes.SHA256()).hex()
 
 
-_FINGERPRINT_PREFIXES = ("sha256:", "sha256 fingerprint=")  # ours, and `openssl x509 -fingerprint -sha256`'s
-_COLON_HEX = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){31}")
-_PLAIN_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def normalize_fingerprint(text: str) -> str:
-    """Accept ``sha256:AB:CD:..``, ``ab:cd:..``, plain hex, any case; return ``sha256:<lowercase hex>``."""
-    if not isinstance(text, str):
-        raise IdentityError(f"a fingerprint must be a string, got {type(text).__name__}")
-    body = text.strip().lower()
-    for prefix in _FINGERPRINT_PREFIXES:
-        if body.startswith(prefix):
-            body = body[len(prefix):].strip()
-            break
-    if not (_COLON_HEX.fullmatch(body) or _PLAIN_HEX.fullmatch(body)):
-        raise IdentityError(f"invalid fingerprint {text!r}: expected 'sha256:' and 64 hex digits "
-                            "(colons between byte pairs allowed)")
-    return "sha256:" + body.replace(":", "")
-
-
-def days_left(cert: x509.Certificate, now: dt.datetime | None = None) -> float:
-    """Days until ``cert`` expires (negative once expired)."""
-    return (_require_certificate(cert).not_valid_after_utc - as_utc(now)).total_seconds() / 86400
-
-
 def is_ca_certificate(cert: x509.Certificate) -> bool:
     """True if basicConstraints says CA:TRUE (only such certificates may issue others)."""
     constraints = _extension(cert, x509.BasicConstraints)
@@ -191,11 +168,6 @@ def certificate_label(cert: x509.Certificate) -> str:
     if len(uris) == 1:
         return f"node certificate {uris[0]}"
     return f"certificate '{subject}'"
-
-
-def format_utc(moment: dt.datetime) -> str:
-    """A certificate date as messages show it: ``2025-01-31 12:00:00 UTC``."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _require_certificate(cert: object) -> x509.Certificate:
@@ -224,13 +196,6 @@ def _quicmesh_uris(cert: x509.Certificate) -> list[str]:
     if names is None:
         return []
     return [uri for uri in names.get_values_for_type(x509.UniformResourceIdentifier) if uri.startswith(URI_PREFIX)]
-
-
-def as_utc(now: dt.datetime | None = None) -> dt.datetime:
-    """``now`` as an aware UTC datetime, the current time if None (naive datetimes are taken as UTC)."""
-    if now is None:
-        return dt.datetime.now(dt.timezone.utc)
-    return now.replace(tzinfo=dt.timezone.utc) if now.tzinfo is None else now.astimezone(dt.timezone.utc)
 
 
 # --- loading files ------------------------------------------------------------------------------
@@ -582,12 +547,9 @@ __all__ = [
     "CrlError",
     "NodeIdentity",
     "TrustPolicy",
-    "as_utc",
     "ca_mesh",
     "certificate_label",
-    "days_left",
     "fingerprint",
-    "format_utc",
     "identity_of",
     "identity_uri",
     "is_ca_certificate",
@@ -596,6 +558,5 @@ __all__ = [
     "load_crls",
     "load_private_key",
     "mesh_uri",
-    "normalize_fingerprint",
     "parse_identity_uri",
 ]

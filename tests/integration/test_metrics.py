@@ -66,20 +66,25 @@ async def test_metrics_endpoint_serves_peers_counters_guard_and_certs(tmp_path: 
 def test_cert_warnings_for_node_and_ca() -> None:
     now = datetime(2030, 1, 1, tzinfo=timezone.utc)
     node = SimpleNamespace(cert_not_after=now + timedelta(days=10), ca_not_after=now + timedelta(days=400))
-    (warning,) = cert_warnings(node, now.timestamp())
+    (warning,) = cert_warnings(node, now)
     assert warning.startswith("node certificate expires in 10.0 days")
     node.ca_not_after = now - timedelta(days=2)
-    assert cert_warnings(node, now.timestamp())[1].startswith("mesh CA certificate EXPIRED 2.0 days ago")
+    assert cert_warnings(node, now)[1].startswith("mesh CA certificate EXPIRED 2.0 days ago")
     node.cert_not_after = now + timedelta(days=31)
     node.ca_not_after = now + timedelta(days=31)
-    assert cert_warnings(node, now.timestamp()) == []
+    assert cert_warnings(node, now) == []
 
 
-def test_render_without_guard_or_peers() -> None:
-    node = SimpleNamespace(name="solo", peers=lambda: [], cert_not_after=datetime(2030, 1, 1, tzinfo=timezone.utc))
-    text = render(node, now=datetime(2029, 12, 31, tzinfo=timezone.utc).timestamp())
+def test_render_before_start_without_peers() -> None:
+    """A node not started yet has no guard and a socket that counted nothing."""
+    expiry = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    node = SimpleNamespace(name="solo", peers=lambda: [], cert_not_after=expiry, ca_not_after=expiry,
+                           rejections=(), rejection_count=0, guard_status=lambda: None,
+                           socket_counters=lambda: {"packets_in": 0, "packets_out": 0, "send_errors": 0})
+    text = render(node, now=datetime(2029, 12, 31, tzinfo=timezone.utc))
     assert 'quicmesh_peers_connected{node="solo"} 0' in text
     assert 'quicmesh_cert_days_left{cert="node"} 1' in text
+    assert "quicmesh_guard_dropped_total" not in text
 
 
 def test_status_header_shows_guard_drops_and_ca_warning() -> None:

@@ -331,7 +331,7 @@ def test_fingerprints_are_normalized(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "sha256:", "sha1:" + "ab" * 20, "sha256:" + "ab" * 31, "sha256:" + "zz" * 32,
-                                  "sha256 " + "ab" * 32, "sha256:" + "ab" * 33, 42])
+                                  "sha256 " + "ab" * 32, "sha256:" + "ab" * 33, "sha256:a:b" + "cd" * 31, 42])
 def test_bad_fingerprints(text: Any) -> None:
     with pytest.raises(ValueError, match="sha256"):
         normalize_fingerprint(text)

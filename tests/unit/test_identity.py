@@ -28,7 +28,6 @@ from quicmesh.protocol.identity import (
     NodeIdentity,
     TrustPolicy,
     ca_mesh,
-    days_left,
     fingerprint,
     identity_of,
     identity_uri,
@@ -36,9 +35,10 @@ from quicmesh.protocol.identity import (
     load_crl,
     load_crls,
     load_private_key,
-    normalize_fingerprint,
     parse_identity_uri,
 )
+from quicmesh.protocol.dates import days_left
+from quicmesh.protocol.fingerprints import normalize_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +127,15 @@ def test_fingerprint_is_sha256_of_der(root):
 def test_normalize_fingerprint_accepts_common_spellings(root):
     digest = hashlib.sha256(make_leaf(root).der).hexdigest()
     colons = ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
-    for text in (f"sha256:{digest}", digest.upper(), colons, f"SHA256:{colons}",
-                 f"sha256 Fingerprint={colons}", f"  {digest}\n"):
+    for text in (f"sha256:{digest}", f"SHA256:{colons}", f"sha256:{digest.upper()}"):
         assert normalize_fingerprint(text) == f"sha256:{digest}"
 
 
 @pytest.mark.parametrize("text", ["", "sha256:", "sha1:" + "ab" * 20, "ab" * 31, "zz" * 32, "ab:cd" + "ef" * 30,
-                                  "sha256:" + "a" * 65, 42, None])
+                                  "sha256:" + "a" * 65, "ab" * 32, "sha256 Fingerprint=" + "ab" * 32,
+                                  "sha256:a:b" + "cd" * 31, 42, None])
 def test_normalize_fingerprint_refuses_junk(text):
+    """The same rule as config pins: the sha256: prefix is required, colons only between byte pairs."""
     with pytest.raises(IdentityError, match="fingerprint"):
         normalize_fingerprint(text)
 
@@ -202,8 +203,8 @@ def test_load_crl(tmp_path, root, inter):
 
 def test_days_left(root):
     leaf = make_leaf(root)
-    assert days_left(leaf.cert, now=T0) == pytest.approx(365)
-    assert days_left(leaf.cert, now=T0 + 2 * YEAR) == pytest.approx(-365)
+    assert days_left(leaf.cert.not_valid_after_utc, now=T0) == pytest.approx(365)
+    assert days_left(leaf.cert.not_valid_after_utc, now=T0 + 2 * YEAR) == pytest.approx(-365)
 
 
 # --- TrustPolicy: accepted chains -------------------------------------------------------------------
@@ -412,7 +413,7 @@ def test_denylist(root):
     leaf = make_leaf(root)
     digest = fingerprint(leaf.cert).removeprefix("sha256:")
     colons = ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
-    policy = TrustPolicy([root.cert], "m", denylist=[colons])
+    policy = TrustPolicy([root.cert], "m", denylist=["SHA256:" + colons])
     with pytest.raises(RevokedError, match="denylist"):
         policy.verify([leaf.cert], now=DURING)
 

@@ -1,0 +1,58 @@
+"""The node config (docs/CONFIG.md): TOML -> frozen dataclasses, every error reported at once.
+
+- :mod:`.model`: the resolved config (dataclasses; their defaults are the config's defaults) and its bounds;
+- :mod:`.schema`: how each key is checked, value parsers such as :func:`parse_address`;
+- :mod:`.parser`: :func:`load_config` and :func:`parse_config`;
+- :mod:`.render`: :func:`render_config`, the resolved config as TOML.
+
+Light on purpose (no cryptography, no aioquic): client commands read the config to find the control socket.
+"""
+
+from __future__ import annotations
+
+from quicmesh.config.model import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_SOCKET_PATH_BYTES,
+    Address,
+    Config,
+    ControlSection,
+    ForwardConfig,
+    Limits,
+    LogSection,
+    MetricsSection,
+    NodeSection,
+    PeerConfig,
+    SecuritySection,
+    ServiceConfig,
+    Timers,
+    TlsSection,
+)
+from quicmesh.config.parser import load_config, parse_config
+from quicmesh.config.render import render_config
+from quicmesh.config.schema import parse_address
+from quicmesh.protocol.fingerprints import normalize_fingerprint
+
+__all__ = [
+    "Address",
+    "NodeSection",
+    "TlsSection",
+    "PeerConfig",
+    "Limits",
+    "Timers",
+    "ControlSection",
+    "LogSection",
+    "SecuritySection",
+    "MetricsSection",
+    "ServiceConfig",
+    "ForwardConfig",
+    "Config",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "MAX_SOCKET_PATH_BYTES",
+    "parse_address",
+    "normalize_fingerprint",
+    "load_config",
+    "parse_config",
+    "render_config",
+]

@@ -1,0 +1,172 @@
+"""The resolved node config: frozen dataclasses whose defaults are the config's defaults (docs/CONFIG.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quicmesh.protocol import wire
+from quicmesh.protocol.addresses import host_port
+
+# aioquic allows 128 concurrent streams per direction; the transport keeps a few for control/requests.
+MAX_MESSAGE_WINDOW = 120
+MAX_MESSAGE_SIZE = 1 << 30
+# Upper bounds that are not in the doc's prose but keep absurd values from overflowing downstream
+# (deque maxlen, QUIC varint of the idle timeout in ms).
+MAX_DATAGRAM_QUEUE = 1_000_000
+MAX_SECONDS = 86_400.0
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+DEFAULT_SOCKET_NAME = "quicmesh.sock"
+MAX_FLOWS_PER_PEER = wire.MAX_FLOW_ID + 1  # one flow per flow id
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+# --- the resolved config ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Address:
+    """A UDP endpoint as written; a DNS host name stays a name, resolved at each dial (not here)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    name: str
+    mesh: str
+    listen: Address
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+    denylist: tuple[str, ...] = ()  # normalized "sha256:<64 lower-case hex>"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: Address
+    fingerprint: str | None = None  # normalized pin, like TlsSection.denylist
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_datagram_size: int = 1200
+    max_message_size: int = 16 * 1024 * 1024
+    datagram_queue: int = 1024
+    message_window: int = 64
+    max_requests_in_flight: int = 64
+    # Bytes one peer may have buffered here: its partly received messages plus those held unacknowledged
+    # while the application is behind (over it: connection closed, RESOURCE_LIMIT); the same bound caps
+    # partly received requests (over it: that request refused, OVERLOADED). Senders keep at most half
+    # of it unacknowledged, so a peer with the same setting never trips it.
+    max_peer_buffer: int = 64 * 1024 * 1024
+    max_inbox_bytes: int = 64 * 1024 * 1024  # received, not yet read by the application (node-wide)
+    max_flows_per_peer: int = 256  # forwarded UDP flows per peer, each way (new flows over it are dropped)
+    forward_idle_timeout: float = 60.0  # seconds without traffic before a forwarded UDP flow is closed
+
+
+@dataclass(frozen=True)
+class Timers:
+    """All in seconds."""
+
+    keepalive: float = 1.0
+    dead_after: float = 3.0
+    backoff_min: float = 0.2
+    backoff_max: float = 10.0
+    handshake_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    socket: Path
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    """Strangers (quicmesh/guard.py): source allowlist, handshake rate limits, pending cap, QUIC Retry."""
+
+    allowlist: tuple[str, ...] | None = None  # CIDRs; None (key left out): no allowlist unless allowlist_peers
+    allowlist_peers: bool = False  # also allow the configured peers' (resolved) addresses
+    retry: bool = False  # QUIC Retry address validation (+1 round trip per handshake)
+    handshake_rate_per_source: float = 20.0  # new handshakes per second from one IP address (0: no limit)
+    handshake_burst_per_source: int = 50
+    handshake_rate: float = 200.0  # new handshakes per second, node-wide (0: no limit)
+    handshake_burst: int = 400
+    max_pending_handshakes: int = 256  # handshakes in progress at once (0: no limit)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: Address | None = None  # Prometheus text endpoint, e.g. "127.0.0.1:9464"; None: off
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
+
+    name: str
+    target: Address  # where datagrams of the service go: the only addresses forwarding ever sends to
+    allow: tuple[str, ...] | None = None  # peers that may use it; None (key left out): every peer
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """A local UDP port whose datagrams go to ``service`` on ``peer``."""
+
+    listen: Address
+    peer: str
+    service: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """A node's whole config, validated and resolved: what the node, the CLI and reloads work from."""
+
+    node: NodeSection
+    tls: TlsSection
+    peers: tuple[PeerConfig, ...]
+    limits: Limits
+    timers: Timers
+    control: ControlSection
+    log: LogSection
+    security: SecuritySection = SecuritySection()
+    metrics: MetricsSection = MetricsSection()
+    services: tuple[ServiceConfig, ...] = ()
+    forwards: tuple[ForwardConfig, ...] = ()
+    path: Path | None = None  # the file it was loaded from; not a config key
+
+    def peer(self, name: str) -> PeerConfig | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Resolved values as plain data; unset optional keys are left out (TOML has no null)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "path"}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (Path, Address)):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        pairs = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        return {k: _plain(v) for k, v in pairs if v is not None}
+    return value

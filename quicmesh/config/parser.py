@@ -1,0 +1,245 @@
+"""Reading a node.toml: TOML -> Config, every error reported at once, each prefixed by its key path.
+
+Pure on purpose: besides reading the config file it only stats the files it names. Certificates are
+parsed by quicmesh.protocol.identity, sockets opened by the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from quicmesh.config.model import Config, ForwardConfig, Limits, PeerConfig, ServiceConfig, Timers
+from quicmesh.config.schema import (
+    ARRAY_SECTIONS,
+    REQUIRED_SECTIONS,
+    SECTIONS,
+    TIMER_ORDER,
+    ItemErrors,
+    Table,
+    default_socket_path,
+    did_you_mean,
+    header,
+)
+from quicmesh.errors import ConfigError
+from quicmesh.protocol import wire
+from quicmesh.protocol.text import show
+
+
+def _key(prefix: str, key: object) -> str:
+    text = key if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key) else show(key)
+    return f"{prefix}.{text}" if prefix else text
+
+
+class Parser:
+    """Walks the data against the schema, collecting every error instead of stopping at the first."""
+
+    def __init__(self, base_dir: Path, check_files: bool) -> None:
+        self.base_dir = base_dir
+        self.check_files = check_files
+        self.errors: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def unknown_keys(self, data: Mapping[Any, Any], prefix: str, known: list[str]) -> None:
+        what = "key" if prefix else "section"
+        for key in data:
+            if key in known:
+                continue
+            hint = did_you_mean(key, known) or f" (known {what}s: {', '.join(known)})"
+            if not prefix:  # a key written above every [section], most likely
+                owners = [header(s) for s, table in SECTIONS.items() if key in table.keys]
+                if owners and not (did_you_mean(key, known) and isinstance(data[key], (Mapping, list))):
+                    hint = f"; {key!r} belongs in {' or '.join(owners)}"
+            self.fail(_key(prefix, key), f"unknown {what}{hint}")
+
+    def table(self, data: Any, path: str, table: Table) -> tuple[dict[str, Any], bool]:
+        """The valid keys' converted values, and whether the whole table was valid."""
+        if not isinstance(data, Mapping):
+            self.fail(path, f"must be a table, got {show(data)}")
+            return {}, False
+        before = len(self.errors)
+        self.unknown_keys(data, path, table.keys)
+        values: dict[str, Any] = {}
+        for f in table.fields:
+            at = f"{path}.{f.key}"
+            if f.key not in data:
+                if f.required:
+                    self.fail(at, "missing required key")
+                continue
+            try:
+                values[f.key] = f.check(data[f.key], self)
+            except ItemErrors as e:
+                for suffix, message in e.problems:
+                    self.fail(at + suffix, message)
+            except ValueError as e:
+                self.fail(at, str(e))
+        return values, len(self.errors) == before
+
+    def peers(self, data: Any, section: str = "peers") -> list[dict[str, Any]]:
+        if isinstance(data, Mapping):
+            one = {"peers": "peer", "services": "service", "forwards": "forward"}[section]
+            self.fail(section, f"must be an array of tables: write [[{section}]] (one per {one}), not [{section}]")
+            return []
+        if not isinstance(data, (list, tuple)):
+            self.fail(section, f"must be an array of tables ([[{section}]]), got {show(data)}")
+            return []
+        return [self.table(item, f"{section}[{i}]", SECTIONS[section])[0] for i, item in enumerate(data)]
+
+    def check_forwarding(self, node: dict[str, Any], peers: list[dict[str, Any]],
+                         services: list[dict[str, Any]], forwards: list[dict[str, Any]]) -> None:
+        """Unique service names and listen addresses; every peer named is a configured peer."""
+        known = [p["name"] for p in peers if "name" in p]
+
+        def unknown_peer(at: str, name: str) -> None:
+            hint = did_you_mean(name, known) or (f" (configured peers: {', '.join(known)})" if known
+                                                  else " (no [[peers]] are configured)")
+            self.fail(at, f"{name!r} is not a configured peer{hint}")
+
+        if len(services) > wire.MAX_SERVICES:
+            self.fail("services", f"at most {wire.MAX_SERVICES} services, got {len(services)}")
+        first: dict[Any, int] = {}
+        for i, service in enumerate(services):
+            name = service.get("name")
+            if name is not None:
+                if name in first:
+                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also services[{first[name]}])")
+                else:
+                    first[name] = i
+            for j, peer in enumerate(service.get("allow") or ()):
+                if peer not in known:
+                    unknown_peer(f"services[{i}].allow[{j}]", peer)
+        listens: dict[Any, int] = {}
+        own = node.get("listen")
+        for i, forward in enumerate(forwards):
+            peer = forward.get("peer")
+            if peer is not None and peer not in known:
+                unknown_peer(f"forwards[{i}].peer", peer)
+            listen = forward.get("listen")
+            if listen is None or listen.port == 0:
+                continue
+            if listen in listens:
+                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also forwards[{listens[listen]}])")
+            else:
+                listens[listen] = i
+            if own is not None and listen == own:
+                self.fail(f"forwards[{i}].listen", f"{listen} is this node's own QUIC port (node.listen)")
+
+    def check_peer_names(self, node_name: str | None, peers: list[dict[str, Any]]) -> None:
+        first: dict[str, int] = {}
+        for i, peer in enumerate(peers):
+            name = peer.get("name")
+            if name is None:
+                continue
+            if name == node_name:
+                self.fail(f"peers[{i}].name",
+                          f"{name!r} is this node itself; a node does not list itself as a peer")
+            elif name in first:
+                self.fail(f"peers[{i}].name", f"duplicate peer {name!r} (also peers[{first[name]}])")
+            else:
+                first[name] = i
+
+    def check_peer_buffer(self, given: dict[str, Any]) -> None:
+        """A sender keeps half of max_peer_buffer unacknowledged: the largest message must fit in it."""
+        limits = Limits(**given)
+        if limits.max_peer_buffer >= 2 * limits.max_message_size:
+            return
+        key = "max_peer_buffer" if "max_peer_buffer" in given else "max_message_size"
+        self.fail(f"limits.{key}", f"limits.max_peer_buffer ({limits.max_peer_buffer}) must be at least twice "
+                                   f"limits.max_message_size ({limits.max_message_size})")
+
+    def check_timer_order(self, given: dict[str, Any]) -> None:
+        """Blame the key the user wrote, not the default it collides with."""
+        timers = Timers(**given)
+        for low, high, strict in TIMER_ORDER:
+            lo, hi = getattr(timers, low), getattr(timers, high)
+            if hi > lo or (hi == lo and not strict):
+                continue
+            if high in given:
+                relation = "greater than" if strict else "at least"
+                self.fail(f"timers.{high}", f"must be {relation} timers.{low} ({lo!r}), got {hi!r}")
+            else:
+                relation = "less than" if strict else "at most"
+                self.fail(f"timers.{low}",
+                          f"must be {relation} timers.{high} ({hi!r}, the default), got {lo!r}")
+
+
+# --- entry points -------------------------------------------------------------------------------------
+def parse_config(
+    data: Mapping[str, Any], base_dir: Path, *, source: str | None = None, check_files: bool = True
+) -> Config:
+    """Build a Config from TOML-shaped data; relative paths resolve against base_dir.
+
+    Raises ConfigError listing every problem, each prefixed by its key path. check_files=False skips
+    only the filesystem checks (existence, readability, key file mode).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"the config must be a table of sections, got {show(data)}"], source)
+    parser = Parser(Path(os.path.abspath(os.fspath(base_dir))), check_files)
+    parser.unknown_keys(data, "", list(SECTIONS))
+    for name in REQUIRED_SECTIONS:
+        if name not in data:
+            parser.fail(name, "missing required section")
+
+    values: dict[str, dict[str, Any]] = {}
+    valid: dict[str, bool] = {}
+    arrays: dict[str, list[dict[str, Any]]] = {}
+    for name, table in SECTIONS.items():
+        if name in ARRAY_SECTIONS:
+            arrays[name] = parser.peers(data.get(name, []), name)
+            if name == "peers":
+                parser.check_peer_names(values.get("node", {}).get("name"), arrays[name])
+        elif name in data:
+            values[name], valid[name] = parser.table(data[name], name, table)
+    peers = arrays["peers"]
+    parser.check_forwarding(values.get("node", {}), peers, arrays["services"], arrays["forwards"])
+
+    if valid.get("timers"):
+        parser.check_timer_order(values["timers"])
+    if valid.get("limits"):
+        parser.check_peer_buffer(values["limits"])
+    control = values.setdefault("control", {})
+    node_name = values.get("node", {}).get("name")
+    if "socket" not in control and node_name is not None:
+        control["socket"] = default_socket_path(parser.base_dir, node_name)
+
+    if parser.errors:
+        raise ConfigError(parser.errors, source)
+    sections = {name: table.cls(**values.get(name, {})) for name, table in SECTIONS.items()
+                if name not in ARRAY_SECTIONS}
+    return Config(**sections, peers=tuple(PeerConfig(**peer) for peer in peers),
+                  services=tuple(ServiceConfig(**item) for item in arrays["services"]),
+                  forwards=tuple(ForwardConfig(**item) for item in arrays["forwards"]))
+
+
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
+    """Read and validate a node.toml; any problem, even an unreadable file, is a ConfigError."""
+    source = os.fspath(path)
+    file = Path(os.path.abspath(os.path.expanduser(source)))
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {file}"], source) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file is a directory: {file}"], source) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {file}: {e.strerror}"], source) from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError([f"invalid config file path: {e}"], source) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        message = f"invalid TOML in {file}: not UTF-8 text (bad byte at offset {e.start})"
+        raise ConfigError([message], source) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"invalid TOML in {file}: {e}"], source) from None
+    except RecursionError:
+        raise ConfigError([f"invalid TOML in {file}: nested too deeply"], source) from None
+    config = parse_config(data, file.parent, source=source, check_files=check_files)
+    return dataclasses.replace(config, path=file)
