@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import io
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -149,3 +150,25 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 
 
 def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+OPENSSL = shutil.which("openssl")
+
+
+def openssl(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The system `openssl`, to check what quicmesh-pki writes with a tool nobody here wrote."""
+    assert OPENSSL is not None, "the openssl binary is not installed"
+    return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=30)
+
+
+def public_key_der(key_or_cert) -> bytes:
+    """The SubjectPublicKeyInfo of a private key, public key or certificate, to compare keys."""
+    public = key_or_cert.public_key() if hasattr(key_or_cert, "public_key") else key_or_cert
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def alt_names(cert: x509.Certificate) -> list[str]:
+    """A certificate's SANs as `KIND:value` strings, in order."""
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    kinds = {x509.UniformResourceIdentifier: "URI", x509.DNSName: "DNS", x509.IPAddress: "IP"}
+    return [f"{kinds.get(type(name), type(name).__name__)}:{name.value}" for name in names]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 
 import pytest
 from cryptography import x509
-from pki_helpers import assert_one_line_error, call_pki, mode, run_pki
+from pki_helpers import REPO, assert_one_line_error, call_pki, mode, run_pki
 
 from quicmesh.protocol.identity import TrustPolicy, load_certificates
 
@@ -69,9 +72,13 @@ def test_bootstrap_again_adds_a_node_and_keeps_every_key(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "created node c" in result.stdout and "kept node a" in result.stdout
     assert all(path.read_bytes() == data for path, data in kept.items())
-    peers = {node: [p["name"] for p in tomllib.loads((out / node / "node.toml").read_text())["peers"]]
-             for node in "abc"}
+    # an existing node.toml is never rewritten: the one listing c goes beside it, as node.toml.new
+    assert f"wrote {out / 'a' / 'node.toml.new'} beside it" in result.stdout
+    assert "wrote node.toml for c, and" in result.stdout
+    configs = {"a": out / "a" / "node.toml.new", "b": out / "b" / "node.toml.new", "c": out / "c" / "node.toml"}
+    peers = {node: [p["name"] for p in tomllib.loads(path.read_text())["peers"]] for node, path in configs.items()}
     assert peers == {"a": ["b", "c"], "b": ["a", "c"], "c": ["a", "b"]}
+    assert [p["name"] for p in tomllib.loads((out / "a" / "node.toml").read_text())["peers"]] == ["b"]
     assert [n["name"] for n in json.loads((out / "mesh.json").read_text())["nodes"]] == ["a", "b", "c"]
     moved = call_pki("bootstrap", "prod", "a=10.9.9.9:5001", "--out", out)
     assert_one_line_error(moved, 2, "node a exists with host 127.0.0.1")
@@ -210,3 +217,50 @@ def test_wrong_passphrase_is_one_line(tmp_path):
     assert_one_line_error(result, 2, "wrong passphrase")
     result = call_pki("sign", "n", "--ca-dir", tmp_path / "ca", "--out", tmp_path / "n")
     assert_one_line_error(result, 2, "encrypted and no passphrase")
+
+
+def test_bootstrap_again_keeps_a_hand_edit(tmp_path):
+    """Re-running bootstrap never rewrites node.toml: an edited one stays, node.toml.new goes beside it."""
+    out = tmp_path / "mesh"
+    assert run_pki("bootstrap", "prod", "a=127.0.0.1:5001", "b=127.0.0.1:5002", "--out", out).returncode == 0
+    pristine_b = (out / "b" / "node.toml").read_bytes()
+    edited = (out / "a" / "node.toml").read_text().replace('listen = "0.0.0.0:5001"', 'listen = "127.0.0.1:5001"')
+    edited += "\n[log]\nlevel = \"debug\"  # mine\n"
+    (out / "a" / "node.toml").write_text(edited)
+    result = run_pki("bootstrap", "prod", "a=127.0.0.1:5001", "b=127.0.0.1:5002", "--out", out)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (out / "a" / "node.toml").read_text() == edited
+    staged_lines = [line for line in result.stdout.splitlines() if "node.toml.new" in line]
+    assert staged_lines == [f"kept {out / 'a' / 'node.toml'} as it is (it differs from the generated one); wrote "
+                            f"{out / 'a' / 'node.toml.new'} beside it: merge the changes by hand"]
+    generated = tomllib.loads((out / "a" / "node.toml.new").read_text())
+    assert generated["node"]["listen"] == "0.0.0.0:5001" and "log" not in generated
+    # an untouched node.toml that bootstrap would write the same is left as it is, with no .new
+    assert (out / "b" / "node.toml").read_bytes() == pristine_b and not (out / "b" / "node.toml.new").exists()
+    assert f"wrote {out / 'mesh.json'}" in result.stdout
+    # and the hand edit survives the next run too (adding a node)
+    assert run_pki("bootstrap", "prod", "c=127.0.0.1:5003", "--out", out).returncode == 0
+    assert (out / "a" / "node.toml").read_text() == edited
+    assert [p["name"] for p in tomllib.loads((out / "a" / "node.toml.new").read_text())["peers"]] == ["b", "c"]
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = run_pki("--version")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == f"quicmesh-pki {version('quicmesh')}\n"
+
+
+HEAVY = ("cryptography", "aioquic", "quicmesh")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sign", "--help"], ["renew"], ["frobnicate"]])
+def test_help_version_and_usage_errors_load_no_cryptography(args):
+    """`--help`, `--version` and usage mistakes stay fast: neither cryptography nor quicmesh (which loads aioquic)."""
+    probe = ("import sys\nfrom pki.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+    assert "Traceback" not in result.stderr
