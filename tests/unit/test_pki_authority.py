@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from pki_helpers import make_ca, make_leaf, mode
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki_helpers import key_usage, make_ca, make_leaf, mode, new_key
 
 from pki import PkiError
 from pki.authority import (
     CertificateAuthority,
+    create_csr,
     create_intermediate_ca,
     create_root_ca,
+    generate_key,
+    issue_from_csr,
     issue_node_cert,
+    issued_certificates,
+    key_type_of,
+    renew_node_cert,
     revoke,
     update_crl,
 )
+from pki.bootstrap import write_node_config
 from quicmesh.errors import IdentityError, RevokedError
 from quicmesh.protocol.identity import (
     TrustPolicy,
@@ -211,3 +221,162 @@ def test_crl_refresh_keeps_entries_and_refuses_a_foreign_crl(tmp_path, root):
 def test_identity_of_issued_node(tmp_path, root):
     issued = issue_node_cert(root, "web-1", tmp_path / "web-1")
     assert identity_of(issued.cert).uri == "quicmesh://prod/web-1"
+
+
+# --- CSRs and renewal (issue 19) ----------------------------------------------------------------
+def _csr_file(path, key, *, names=(), extensions=()):
+    """A CSR signed by ``key`` with SANs ``names`` and any extra extensions: what a node (or a crook) sends."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whoever")]))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    signing_hash = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    path.write_bytes(builder.sign(key, signing_hash).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _uri(text):
+    return x509.UniformResourceIdentifier(text)
+
+
+def test_csr_then_issue_from_csr(tmp_path, root):
+    made = create_csr(tmp_path / "node", "prod", "alpha", dns=["Alpha.Example"], ips=["10.0.0.1"])
+    assert mode(made.key_path) == 0o600 and mode(made.csr_path) == 0o644 and made.csr.is_signature_valid
+    issued = issue_from_csr(root, made.csr_path, tmp_path / "node")
+    assert issued.key_path is None and issued.notes == ()
+    chain = load_certificates(issued.cert_path)
+    assert _policy(root).verify(chain, expect_node="alpha").uri == "quicmesh://prod/alpha"
+    assert chain[0].public_key() == load_private_key(made.key_path).public_key()
+    names = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["alpha.example"]
+    assert [cert.serial_number for cert in issued_certificates(root)] == [issued.cert.serial_number]
+
+
+def test_issue_from_csr_applies_the_ca_policy_only(tmp_path, root):
+    key = new_key()
+    csr = _csr_file(tmp_path / "evil.csr", key, names=[_uri("quicmesh://prod/evil")], extensions=[
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+        (key_usage(key_cert_sign=True, crl_sign=True), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), False),
+        (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"), False),
+    ])
+    issued = issue_from_csr(root, csr, tmp_path / "evil")
+    extensions = issued.cert.extensions
+    assert not extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert list(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert {extension.oid.dotted_string for extension in extensions} == {
+        "2.5.29.14", "2.5.29.35", "2.5.29.19", "2.5.29.15", "2.5.29.37", "2.5.29.17"}  # SKI AKI BC KU EKU SAN
+    assert "basicConstraints CA:TRUE" in issued.notes[0] and "1.3.6.1.4.1.99999.1" in issued.notes[0]
+    assert _policy(root).verify(load_certificates(issued.cert_path), expect_node="evil").node == "evil"
+
+
+@pytest.mark.parametrize("names, node, fragment", [
+    ([_uri("quicmesh://other/alpha")], None, "serves mesh 'prod'"),
+    ([_uri("quicmesh://prod/beta")], "alpha", "not for node 'alpha'"),
+    ([_uri("quicmesh://prod/a"), _uri("quicmesh://prod/b")], None, "two identities"),
+    ([_uri("quicmesh://prod")], None, "no node"),
+    ([_uri("https://example.com/")], "alpha", "URI:https://example.com/"),
+    ([x509.RFC822Name("a@example.com")], "alpha", "email:a@example.com"),
+    ([x509.DNSName("bad_name")], "alpha", "invalid DNS name"),
+    ([], None, "give the node name"),
+])
+def test_issue_from_csr_refuses(tmp_path, root, names, node, fragment):
+    csr = _csr_file(tmp_path / "x.csr", new_key(), names=names)
+    with pytest.raises(PkiError, match=re.escape(fragment)):
+        issue_from_csr(root, csr, tmp_path / "out", node=node)
+    assert not (tmp_path / "out" / "node.crt").exists() and issued_certificates(root) == []
+
+
+@pytest.mark.parametrize("key, fragment", [
+    (lambda: ec.generate_private_key(ec.SECP521R1()), "aioquic cannot sign"),
+    (lambda: ec.generate_private_key(ec.SECP256K1()), "curve secp256k1"),
+    (lambda: rsa.generate_private_key(65537, 1024), "RSA 1024: too short"),
+    (ed448.Ed448PrivateKey.generate, "a quicmesh node cannot use"),
+])
+def test_issue_from_csr_refuses_keys_a_node_cannot_use(tmp_path, root, key, fragment):
+    private = key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
+    csr = builder.sign(private, None if isinstance(private, ed448.Ed448PrivateKey) else hashes.SHA256())
+    (tmp_path / "k.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(PkiError, match=re.escape(fragment)):
+        issue_from_csr(root, tmp_path / "k.csr", tmp_path / "out", node="n")
+
+
+def test_issue_from_csr_refuses_a_tampered_csr(tmp_path, root):
+    made = create_csr(tmp_path / "n", "prod", "alpha")
+    der = made.csr.public_bytes(serialization.Encoding.DER)
+    (tmp_path / "forged.csr").write_bytes(der.replace(b"prod/alpha", b"prod/alphb"))
+    with pytest.raises(PkiError, match="signature does not verify"):
+        issue_from_csr(root, tmp_path / "forged.csr", tmp_path / "out")
+    (tmp_path / "junk.csr").write_bytes(der[:40])
+    with pytest.raises(PkiError, match="not a certificate signing request"):
+        issue_from_csr(root, tmp_path / "junk.csr", tmp_path / "out")
+
+
+def test_renew_keeps_names_and_key_and_stages_beside(tmp_path, root):
+    first = issue_node_cert(root, "alpha", tmp_path / "alpha", dns=["a.example"], ips=["10.0.0.1"],
+                            key_type="ed25519")
+    renewed = renew_node_cert(root, "alpha", tmp_path / "alpha", days=30)
+    assert renewed.staged == ((tmp_path / "alpha" / "node.crt.new", tmp_path / "alpha" / "node.crt"),)
+    assert renewed.cert_path == tmp_path / "alpha" / "node.crt.new" and renewed.key_path is None
+    old_names = first.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert renewed.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == old_names
+    assert renewed.cert.public_key() == first.cert.public_key()
+    assert abs(renewed.cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)) < \
+        dt.timedelta(minutes=5)
+    assert _policy(root).verify(load_certificates(renewed.cert_path), expect_node="alpha").node == "alpha"
+    with pytest.raises(PkiError, match="node.crt.new exists"):
+        renew_node_cert(root, "alpha", tmp_path / "alpha")
+    rotated = renew_node_cert(root, "alpha", tmp_path / "alpha", new_key=True, force=True)
+    assert rotated.staged == () and rotated.key_path == tmp_path / "alpha" / "node.key"
+    assert not (tmp_path / "alpha" / "node.crt.new").exists() and "removed" in rotated.notes[0]
+    new_key_ = load_private_key(rotated.key_path)
+    assert isinstance(new_key_, ed25519.Ed25519PrivateKey)  # same type as before
+    assert new_key_.public_key() == load_certificates(rotated.cert_path)[0].public_key() != first.cert.public_key()
+
+
+def test_renew_refuses(tmp_path, root):
+    issue_node_cert(root, "alpha", tmp_path / "alpha")
+    issue_node_cert(root, "beta", tmp_path / "beta")
+    with pytest.raises(PkiError, match="not of quicmesh://prod/beta"):
+        renew_node_cert(root, "beta", tmp_path / "alpha")
+    with pytest.raises(PkiError, match="no certificate issued to node 'gamma'"):
+        renew_node_cert(root, "gamma", tmp_path / "gamma")
+    with pytest.raises(PkiError, match="add --new-key"):
+        renew_node_cert(root, "alpha", tmp_path / "alpha", key_type="p384")
+    (tmp_path / "alpha" / "node.key").write_bytes((tmp_path / "beta" / "node.key").read_bytes())
+    with pytest.raises(PkiError, match="is not the key of"):
+        renew_node_cert(root, "alpha", tmp_path / "alpha")
+    revoke(root, "beta")
+    with pytest.raises(PkiError, match="is revoked"):
+        renew_node_cert(root, "beta", tmp_path / "beta", new_key=True, force=True)
+
+
+def test_renew_from_the_record_picks_the_newest(tmp_path, root):
+    issue_node_cert(root, "alpha", tmp_path / "one", dns=["old.example"], now=NOW)
+    issue_node_cert(root, "alpha", tmp_path / "two", dns=["new.example"], now=NOW + dt.timedelta(minutes=1))
+    renewed = renew_node_cert(root, "alpha", tmp_path / "fresh")
+    names = renewed.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["new.example"]
+    assert renewed.cert_path == tmp_path / "fresh" / "node.crt" and renewed.staged == ()
+
+
+def test_write_node_config_never_replaces(tmp_path):
+    path = tmp_path / "node.toml"
+    assert write_node_config(path, b"one\n") == "written"
+    assert write_node_config(path, b"one\n") == "unchanged" and not (tmp_path / "node.toml.new").exists()
+    assert write_node_config(path, b"two\n") == "staged"
+    assert path.read_bytes() == b"one\n" and (tmp_path / "node.toml.new").read_bytes() == b"two\n"
+    assert write_node_config(path, b"three\n") == "staged"  # the .new is generated: refreshed
+    assert (tmp_path / "node.toml.new").read_bytes() == b"three\n"
+
+
+def test_key_type_of_round_trips():
+    for key_type in ("p256", "p384", "ed25519", "rsa2048"):
+        assert key_type_of(generate_key(key_type).public_key()) == key_type
+    assert key_type_of(ec.generate_private_key(ec.SECP521R1()).public_key()) is None
