@@ -16,7 +16,7 @@ mesh as one QUIC DATAGRAM frame (docs/PROTOCOL.md, "UDP service forwarding"):
   flows per peer on each side (new ones over it are dropped and counted). A connection that breaks
   leaves the flows in place: when the peer is back, datagrams flow again on the same flows. A peer
   that restarted (new epoch in its Hello) gets its old service flows closed, since its flow ids are new.
-- Datagrams over ``Node.forward_payload_limit(peer)`` (max_datagram_payload - 4) are dropped and
+- Datagrams over ``Forwarder.payload_limit(peer)`` (max_datagram_payload - 4) are dropped and
   counted: the local program is told nothing, as on a real network.
 
 A node never sends a forwarded datagram to any address but the targets of its own ``[[services]]`` and
@@ -32,11 +32,16 @@ import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quicmesh.protocol import wire
 from quicmesh.config import Address, Config, ForwardConfig, ServiceConfig
 from quicmesh.errors import QuicmeshError
+from quicmesh.protocol import wire
+from quicmesh.protocol.addresses import format_address
+
+if TYPE_CHECKING:
+    from quicmesh.runtime.features import FeatureHost
+    from quicmesh.runtime.node import Node
 
 log = logging.getLogger("quicmesh.forward")
 
@@ -134,8 +139,13 @@ class Forwarder:
     reloaded config, :meth:`stop` closes every socket. Single event loop, no threads.
     """
 
-    def __init__(self, node: Any) -> None:
+    #: the seam (runtime/features.py): the datagram kinds and control frames forwarding owns
+    datagram_kinds = frozenset({int(wire.DatagramKind.FORWARD), int(wire.DatagramKind.FORWARD_REPLY)})
+    control_frames = (wire.Services,)
+
+    def __init__(self, node: Node) -> None:
         self.node = node
+        self._host: FeatureHost = node.features
         self._config: Config = node.config
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service_ids: dict[str, int] = {}  # stable for the process: a re-added name keeps its id
@@ -160,7 +170,7 @@ class Forwarder:
         """Expose services and bind forwards from the node's config; ForwardError if any forward cannot bind."""
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self.node.set_forward_handler(self)
+        self._host.add(self)
         errors = await self._apply(self.node.config)
         if errors:
             await self.stop()
@@ -185,8 +195,7 @@ class Forwarder:
             self._close_service(service)
         for forward in list(self._forwards):
             self._close_forward(forward)
-        if self.node.forward_handler is self:
-            self.node.set_forward_handler(None)
+        self._host.remove(self)
 
     async def _apply(self, config: Config) -> list[str]:
         assert self._loop is not None
@@ -238,13 +247,14 @@ class Forwarder:
             forward = _Forward(forward_config, sock)
             self._forwards.append(forward)
             self._loop.add_reader(sock.fileno(), self._client_readable, forward)
-            log.info("forwarding UDP %s -> peer %s service %s", _show(forward.address),
+            log.info("forwarding UDP %s -> peer %s service %s", format_address(forward.address),
                      forward_config.peer, forward_config.service)
         # Peers removed from the config: forget what they offered.
         for peer in list(self._remote):
             if config.peer(peer) is None:
                 del self._remote[peer]
-        self.node.announce_services()
+        for peer in self._host.connected_peers():
+            self._announce(peer)
         return errors
 
     async def _resolve(self, address: Address) -> tuple[int, Any]:
@@ -268,12 +278,39 @@ class Forwarder:
             raise
         return sock
 
-    # --- the node's handler interface ------------------------------------------------------------
-    def services_for(self, peer: str) -> list[tuple[int, str]]:
-        """``(id, name)`` of the services ``peer`` may use: what our Services frame to it lists."""
-        return [(s.id, s.config.name) for s in self._services.values() if s.allows(peer)]
+    # --- the seam: runtime/features.py's Feature ------------------------------------------------
+    def peer_ready(self, peer: str, epoch: int) -> None:
+        """A new active connection to ``peer``: tell it which of our services it may use."""
+        self._announce(peer)
 
-    def peer_services(self, peer: str, epoch: int, entries: tuple[tuple[int, str], ...]) -> None:
+    def peer_lost(self, peer: str, reason: str) -> None:
+        """Flows to and from ``peer`` wait for it to come back (or expire idle); nothing to do at once."""
+
+    def control_received(self, peer: str, epoch: int, frame: object) -> None:
+        if isinstance(frame, wire.Services):
+            self._peer_services(peer, epoch, frame.entries)
+
+    def datagram_received(self, peer: str, datagram: bytes) -> None:
+        kind, service_id, flow_id, payload = wire.decode_datagram(datagram)  # type: ignore[misc]
+        if kind == wire.DatagramKind.FORWARD:
+            self._to_service(peer, service_id, flow_id, payload)
+        else:
+            self._to_client(peer, flow_id, payload)
+
+    def payload_limit(self, peer: str) -> int:
+        """The largest forwarded UDP payload to ``peer``: its datagram limit minus the FORWARD header."""
+        return self._host.datagram_limit(peer) - wire.DATAGRAM_OVERHEAD - wire.FORWARD_HEADER_MAX
+
+    def _announce(self, peer: str) -> None:
+        """Our Services frame to ``peer``: ``(id, name)`` of the services it may use."""
+        entries = tuple((s.id, s.config.name) for s in self._services.values() if s.allows(peer))
+        self._host.send_control(peer, wire.Services(entries))
+
+    def _send(self, peer: str, service_id: int, flow_id: int, payload: bytes, *, reply: bool = False) -> str | None:
+        encode = wire.encode_forward_reply_datagram if reply else wire.encode_forward_datagram
+        return self._host.send_datagram(peer, encode(service_id, flow_id, payload), len(payload))
+
+    def _peer_services(self, peer: str, epoch: int, entries: tuple[tuple[int, str], ...]) -> None:
         """The peer's Services frame: what it offers us now. A new epoch means it restarted."""
         previous = self._epochs.get(peer)
         self._epochs[peer] = epoch
@@ -287,12 +324,6 @@ class Forwarder:
             if forward.config.peer == peer and forward.config.service not in offered:
                 log.warning("peer %s does not offer service %s to this node (it offers: %s)",
                                 peer, forward.config.service, ", ".join(sorted(offered)) or "none")
-
-    def forward_datagram(self, peer: str, kind: int, service_id: int, flow_id: int, payload: bytes) -> None:
-        if kind == wire.DatagramKind.FORWARD:
-            self._to_service(peer, service_id, flow_id, payload)
-        elif kind == wire.DatagramKind.FORWARD_REPLY:
-            self._to_client(peer, flow_id, payload)
 
     # --- exposing side: peer -> target, target -> peer --------------------------------------------
     def _to_service(self, peer: str, service_id: int, flow_id: int, payload: bytes) -> None:
@@ -350,9 +381,9 @@ class Forwarder:
         return flow
 
     def _target_readable(self, flow: _ServiceFlow) -> None:
-        node, sock, service = self.node, flow.sock, flow.service
+        sock, service = flow.sock, flow.service
         counters = service.counters
-        limit = node.forward_payload_limit(flow.peer)
+        limit = self.payload_limit(flow.peer)
         for _ in range(_RECV_BATCH):
             try:
                 size = sock.recv_into(self._buffer)
@@ -366,7 +397,7 @@ class Forwarder:
                 counters.oversize += 1
                 continue
             data = bytes(self._view[:size])
-            if node.send_forward_datagram(flow.peer, service.id, flow.flow_id, data, reply=True) is not None:
+            if self._send(flow.peer, service.id, flow.flow_id, data, reply=True) is not None:
                 counters.dropped += 1
                 continue
             counters.datagrams_out += 1
@@ -405,14 +436,14 @@ class Forwarder:
             self._from_client(forward, bytes(self._view[:size]), source)
 
     def _from_client(self, forward: _Forward, data: bytes, source: Any) -> None:
-        node, counters, peer = self.node, forward.counters, forward.config.peer
-        if len(data) > node.forward_payload_limit(peer):
+        counters, peer = forward.counters, forward.config.peer
+        if len(data) > self.payload_limit(peer):
             counters.oversize += 1
             return
         offered = self._remote.get(peer)
         service_id = offered.get(forward.config.service) if offered is not None else None
         if service_id is None:
-            if offered is not None and peer in node.connected_peers():
+            if offered is not None and peer in self._host.connected_peers():
                 counters.refused += 1
                 self._warn_once((peer, forward.config.service, "refused"),
                                 "peer %s does not offer service %s to this node: dropped", peer, forward.config.service)
@@ -426,7 +457,7 @@ class Forwarder:
             if flow is None:
                 return
         flow.last = now
-        problem = node.send_forward_datagram(peer, service_id, flow.flow_id, data)
+        problem = self._send(peer, service_id, flow.flow_id, data)
         if problem is not None:
             if problem == "not connected":
                 counters.unavailable += 1
@@ -493,7 +524,7 @@ class Forwarder:
         forward.sock.close()
         if forward in self._forwards:
             self._forwards.remove(forward)
-        log.info("stopped forwarding UDP %s", _show(forward.address))
+        log.info("stopped forwarding UDP %s", format_address(forward.address))
 
     # --- idle expiry ---------------------------------------------------------------------------------
     def _schedule_sweep(self) -> None:
@@ -540,14 +571,14 @@ class Forwarder:
             flows = sorted(forward.flows.values(), key=lambda f: -f.last)
             peer = forward.config.peer
             forwards.append({
-                "listen": _show(forward.address),
+                "listen": format_address(forward.address),
                 "peer": peer,
                 "service": forward.config.service,
                 "state": self._forward_state(forward),
-                "max_payload": self.node.forward_payload_limit(peer),
+                "max_payload": self.payload_limit(peer),
                 "flows_active": len(forward.flows),
                 "counters": asdict(forward.counters),
-                "flows": [{"source": _show(f.source), "flow_id": f.flow_id, "idle": now - f.last,
+                "flows": [{"source": format_address(f.source), "flow_id": f.flow_id, "idle": now - f.last,
                            "age": now - f.opened, "counters": asdict(f.counters)} for f in flows[:_FLOWS_LISTED]],
             })
         return {
@@ -561,7 +592,7 @@ class Forwarder:
 
     def _forward_state(self, forward: _Forward) -> str:
         peer = forward.config.peer
-        if peer not in self.node.connected_peers():
+        if peer not in self._host.connected_peers():
             return "peer down"
         offered = self._remote.get(peer)
         if offered is None:
@@ -578,10 +609,3 @@ class Forwarder:
                 self._warned.clear()
             self._warned.add(key)
             log.warning(message, *args)
-
-
-def _show(address: Any) -> str:
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address)

@@ -16,6 +16,7 @@ from meshkit import make_mesh, with_limits
 from quicmesh import Node
 from quicmesh.config import Address, Config, ForwardConfig, ServiceConfig
 from quicmesh.forwarding.forwarder import Forwarder
+from quicmesh.protocol import wire
 from udpproxy import UdpRelay
 
 HERE = Path(__file__).resolve().parents[1]  # tests/, where the helper scripts live
@@ -33,6 +34,11 @@ def echo_port() -> Iterator[int]:
     finally:
         process.kill()
         process.wait(5)
+
+
+def forge(node: Node, peer: str, service_id: int, flow_id: int, payload: bytes) -> str | None:
+    """A hand-made FORWARD datagram, sent through the node's feature seam (no Forwarder needed)."""
+    return node.features.send_datagram(peer, wire.encode_forward_datagram(service_id, flow_id, payload), len(payload))
 
 
 def with_forwarding(config: Config, services=(), forwards=()) -> Config:
@@ -146,9 +152,9 @@ async def test_a_peer_not_allowed_gets_nothing_through(mesh) -> None:
         # Even a hand-made FORWARD datagram with the service's id is dropped and counted by beta.
         echo_id = service_status(forwarders["beta"], "echo")["id"]
         private_id = service_status(forwarders["beta"], "private")["id"]
-        assert nodes["gamma"].send_forward_datagram("beta", echo_id, 7, b"forged") is None
-        assert nodes["alpha"].send_forward_datagram("beta", private_id, 7, b"forged") is None
-        assert nodes["alpha"].send_forward_datagram("beta", 999, 7, b"no such id") is None
+        assert forge(nodes["gamma"], "beta", echo_id, 7, b"forged") is None
+        assert forge(nodes["alpha"], "beta", private_id, 7, b"forged") is None
+        assert forge(nodes["alpha"], "beta", 999, 7, b"no such id") is None
         beta = forwarders["beta"]
         await until(lambda: service_status(beta, "echo")["counters"]["denied"] == 1
                     and service_status(beta, "private")["counters"]["denied"] == 1
@@ -175,7 +181,7 @@ async def test_an_unexposed_service_is_refused(mesh) -> None:
 async def test_oversize_datagrams_are_dropped_and_counted(mesh) -> None:
     nodes, forwarders = mesh
     alpha = forwarders["alpha"]
-    limit = nodes["alpha"].forward_payload_limit("beta")
+    limit = alpha.payload_limit("beta")
     assert limit == nodes["alpha"].max_datagram_payload - 4 == 1165
     client = Client(alpha.forward_address(0))
     try:
@@ -364,12 +370,12 @@ async def test_the_exposing_side_limits_flows_per_peer_too(tmp_path: Path, echo_
             echo_id = service_status(fb, "echo")["id"]
 
             def first_flow_open() -> bool:  # until the connection has settled (a duplicate may be closing)
-                alpha.send_forward_datagram("beta", echo_id, 0, b"x")
+                forge(alpha, "beta", echo_id, 0, b"x")
                 return service_status(fb, "echo")["flows_active"] == 1
 
             await until(first_flow_open, interval=0.1)
             for flow_id in range(1, 5):
-                assert alpha.send_forward_datagram("beta", echo_id, flow_id, b"x") is None
+                assert forge(alpha, "beta", echo_id, flow_id, b"x") is None
             await until(lambda: service_status(fb, "echo")["counters"]["flows_refused"] == 3)
             assert fb.open_sockets() == 2 and service_status(fb, "echo")["counters"]["flows_opened"] == 2
         finally:

@@ -124,13 +124,13 @@ async def test_a_burst_of_datagrams_of_every_size_is_packed_into_batches_and_arr
     edge = [0, 1, 61, 62, 63, 64, 65, 100, 1000, limit - 3, limit - 2, limit - 1, limit]
     sizes = [*edge, *((index * 37) % 300 for index in range(150)), *edge]
     frames: list[bytes] = []
-    unspied = beta._datagram
+    unspied = beta._datagrams.received
 
     def spy(state, data: bytes) -> None:  # the real receive path, counting the QUIC DATAGRAM frames
         frames.append(data)
         unspied(state, data)
 
-    beta._datagram = spy  # type: ignore[method-assign]
+    beta._datagrams.received = spy  # type: ignore[method-assign]
     for index, size in enumerate(sizes):  # one loop iteration: all of them leave at the same flush
         alpha.send_datagram("beta", (index.to_bytes(2, "big") * size)[:size] if size >= 2 else b"\xff" * size)
     received = await drain(beta, len(sizes), timeout=5)

@@ -1,0 +1,431 @@
+"""The node's connections: carries out the peer manager's decisions on real QUIC connections and turns
+what the endpoint reports (accepted, events, terminated, about to flush) into connection transitions and
+channel calls. Everything here runs inside the endpoint's packet processing or the mesh timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from aioquic.quic import events
+from aioquic.quic.packet import QuicErrorCode
+
+from quicmesh.errors import IdentityError, PeerNotConnectedError, ProtocolError
+from quicmesh.protocol import wire
+from quicmesh.protocol.addresses import format_address
+from quicmesh.runtime.connection import Connection, ConnectionState, Transition
+from quicmesh.runtime.context import Context
+from quicmesh.runtime.credentials import Credentials
+from quicmesh.runtime.datagrams import DatagramChannel
+from quicmesh.runtime.events import PeerEvents
+from quicmesh.runtime.features import FeatureHost
+from quicmesh.runtime.messages import MessageChannel
+from quicmesh.runtime.peer_manager import Close, Dial, PeerDown, PeerManager, PeerUp, Ping
+from quicmesh.runtime.requests import REASON_LIMIT, RequestChannel, Superseded
+from quicmesh.runtime.streams import StreamReader
+from quicmesh.transport._aioquic import MeshQuicConnection
+from quicmesh.transport.endpoint import Endpoint, Link
+
+log = logging.getLogger("quicmesh.node")
+
+#: Mesh timer deadlines are rounded up to this (seconds), so N peers' keepalives cost fewer, batched ticks.
+_MESH_TICK_SLOT = 0.05
+
+
+class Connections:
+    """Implements the endpoint's LinkHandler; owns every Connection by conn_id."""
+
+    def __init__(self, ctx: Context, datagrams: DatagramChannel, messages: MessageChannel,
+                 features: FeatureHost, events_out: PeerEvents) -> None:
+        self._ctx = ctx
+        self.credentials: Credentials | None = None  # loaded at start, replaced on reload
+        self._datagrams = datagrams
+        self._messages = messages
+        self.requests = RequestChannel(ctx, self._retired_if_idle)
+        self._features = features
+        self._events = events_out
+        self._streams = StreamReader(ctx, messages, self.requests, self._control_frames, self.close)
+        self.by_id: dict[int, Connection] = {}
+        self.endpoint: Endpoint | None = None
+        self.mesh = PeerManager(ctx.name, ctx.peers, ctx.config.timers, random.Random())
+        self._heard: dict[int, float] = {}
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # its deadline: uvloop returns a plain Handle, without when(), for a past one
+        #: The latest handshake rejections, either way: (unix time, address, reason).
+        self.rejections: deque[tuple[float, str, str]] = deque(maxlen=32)
+        self.rejection_count = 0
+
+    # --- QUIC connections and identity ----------------------------------------------------------
+    def new_server_connection(self, original_destination_cid: bytes,
+                              retry_source_cid: bytes | None = None) -> MeshQuicConnection:
+        assert self.credentials is not None
+        return MeshQuicConnection(
+            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=False),
+            original_destination_connection_id=original_destination_cid,
+            retry_source_connection_id=retry_source_cid,
+            verify_peer=lambda chain: self._verify(chain, None),
+        )
+
+    def _verify(self, chain: Any, expect: str | None) -> tuple[str, str]:
+        peers = {name: peer.config for name, peer in self._ctx.peers.items()}
+        assert self.credentials is not None
+        return self.credentials.verify_peer(chain, expect, peers)
+
+    def recheck(self) -> list[Any]:
+        """After a reload: re-verify every live connection against the new CA, CRL, denylist and pins."""
+        actions: list[Any] = []
+        for connection in list(self.by_id.values()):
+            if connection.peer is None or not connection.chain or connection.closing:
+                continue
+            if connection.peer not in self._ctx.peers:
+                continue  # the peer manager's set_peers closes it
+            try:
+                self._verify(connection.chain, connection.peer)
+            except IdentityError as error:
+                reason = f"rejected after reload: {error}"
+                log.warning("peer %s no longer accepted after reload: %s", connection.peer, error)
+                self.close(connection, wire.ErrorCode.IDENTITY_REJECTED, reason)
+                actions += self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now(), rejected=True)
+        return actions
+
+    # --- the peer manager's actions ---------------------------------------------------------------
+    def tick(self) -> None:
+        self._timer = None
+        if not self._ctx.running:
+            return
+        for conn_id, connection in self.by_id.items():
+            heard = connection.link.last_received
+            if heard and heard > self._heard.get(conn_id, 0.0):
+                self._heard[conn_id] = heard
+                self.mesh.heard_from(conn_id, heard)
+        self.apply(self.mesh.poll(self._ctx.now()))
+
+    def apply(self, actions: Iterable[object]) -> None:
+        for action in actions:
+            if isinstance(action, Dial):
+                self._dial(action.peer)
+            elif isinstance(action, Ping):
+                connection = self.by_id.get(action.conn_id)
+                if connection is not None and not connection.link.terminated:
+                    connection.quic.send_ping(0)
+                    self._ctx.touch(connection)
+            elif isinstance(action, Close):
+                connection = self.by_id.get(action.conn_id)
+                if connection is None:
+                    continue
+                if action.code == wire.ErrorCode.DUPLICATE_CONNECTION and connection.state is ConnectionState.READY \
+                        and not connection.link.terminated and (connection.requests or connection.serving):
+                    self._retire(connection, action.reason)
+                else:
+                    self.close(connection, action.code, action.reason)
+            elif isinstance(action, PeerUp):
+                self._peer_up(action.peer, action.conn_id)
+            elif isinstance(action, PeerDown):
+                self._peer_down(action.peer, action.reason)
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        if not self._ctx.running:
+            return
+        deadline = self.mesh.next_deadline()
+        if deadline is not None:  # coalesce: one tick serves every peer whose deadline falls in the same slot
+            # (-inf, "at once", would make the rounding NaN: the next slot from now instead)
+            deadline = max(deadline, self._ctx.now())
+            deadline = -(-deadline // _MESH_TICK_SLOT) * _MESH_TICK_SLOT
+        if self._timer is not None:
+            if deadline is not None and abs(self._timer_at - deadline) < 1e-4:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self.tick)
+            self._timer_at = deadline
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _dial(self, peer_name: str) -> None:
+        assert self.endpoint is not None and self.credentials is not None
+        peer = self._ctx.peers[peer_name]
+        quic = MeshQuicConnection(
+            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=True),
+            verify_peer=lambda chain: self._verify(chain, peer_name),
+        )
+        link = self.endpoint.new_client_link(quic)
+        connection = Connection(link)
+        self.by_id[link.conn_id] = connection
+        self.mesh.dial_started(peer_name, link.conn_id, self._ctx.now())
+        address = peer.config.address
+        resolved = _literal_address(address.host, address.port, self.endpoint.family)
+        if resolved is not None:
+            self.endpoint.connect(link, resolved)
+        else:
+            self._ctx.spawn(self._resolve_and_connect(connection, address.host, address.port))
+
+    async def _resolve_and_connect(self, connection: Connection, host: str, port: int) -> None:
+        assert self.endpoint is not None
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, family=self.endpoint.family, type=2)
+            if not infos:
+                raise OSError(f"no address for {host}")
+        except OSError as error:
+            reason = f"cannot resolve {host}: {error}"
+            self.endpoint.abandon(connection.link)
+            self.by_id.pop(connection.conn_id, None)
+            if self._ctx.running:
+                self.apply(self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now()))
+            return
+        if connection.closing or not self._ctx.running:
+            self.endpoint.abandon(connection.link)
+            self.by_id.pop(connection.conn_id, None)
+            return
+        sockaddr = infos[0][4]
+        self.endpoint.connect(connection.link, (sockaddr[0], sockaddr[1]))
+
+    def _peer_up(self, peer_name: str, conn_id: int) -> None:
+        peer = self._ctx.peers.get(peer_name)
+        connection = self.by_id.get(conn_id)
+        if peer is None or connection is None:
+            return
+        was_up = peer.connection is not None
+        peer.connection = connection
+        peer.fingerprint = connection.fingerprint
+        if not was_up:
+            peer.connected_since = time.time()
+        self._messages.resend(peer, connection)
+        address = connection.quic.get_peer_address() or connection.link.address
+        log.info("peer %s connected from %s (%s)", peer_name, format_address(address), connection.fingerprint)
+        if connection.hello is not None:
+            self._features.peer_ready(peer_name, connection.hello.epoch)
+        if not was_up:
+            self._events.publish(peer_name, "connected", None)
+
+    def _peer_down(self, peer_name: str, reason: str) -> None:
+        peer = self._ctx.peers.get(peer_name)
+        if peer is None:
+            return
+        old = peer.connection
+        peer.connection = None
+        peer.connected_since = None
+        self._datagrams.drop_queued(peer)
+        if old is not None:
+            self.requests.fail(old, PeerNotConnectedError(f"connection to {peer_name} lost: {reason}"))
+        log.warning("peer %s disconnected: %s", peer_name, reason)
+        self._features.peer_lost(peer_name, reason)
+        self._events.publish(peer_name, "disconnected", reason)
+
+    # --- LinkHandler: what the endpoint tells us -------------------------------------------------
+    def link_accepted(self, link: Link) -> None:
+        connection = self.by_id[link.conn_id] = Connection(link)
+        if not self._ctx.running:
+            self.close(connection, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
+            return
+        self.mesh.inbound_started(link.conn_id, self._ctx.now())
+        self._reschedule()
+
+    def link_event(self, link: Link, event: events.QuicEvent) -> None:
+        connection = self.by_id.get(link.conn_id)
+        if connection is None:
+            return
+        try:
+            kind = type(event)
+            if kind is events.DatagramFrameReceived:
+                self._datagrams.received(connection, event.data)
+            elif kind is events.StreamDataReceived:
+                self._streams.data(connection, event.stream_id, event.data, event.end_stream)
+            elif kind is events.HandshakeCompleted:
+                self._handshake_completed(connection)
+            elif kind is events.StreamReset:
+                self._streams.reset(connection, event.stream_id)
+        except ProtocolError as error:
+            log.warning("protocol violation by %s: %s", connection.peer or "unverified peer", error)
+            self.close(connection, error.code, f"protocol violation: {error}")
+
+    def link_terminated(self, link: Link, event: events.ConnectionTerminated) -> None:
+        connection = self.by_id.pop(link.conn_id, None)
+        self._heard.pop(link.conn_id, None)
+        if connection is None:
+            return
+        reason, rejected = self._termination_reason(connection, event)
+        connection.transition(Transition.TERMINATED)
+        if rejected:
+            address = format_address(link.address)
+            self.rejections.append((time.time(), address, reason))
+            self.rejection_count += 1
+            log.warning("handshake %s %s failed: %s", "to" if link.dialed else "from", address, reason)
+        superseded = connection.close_code == wire.ErrorCode.DUPLICATE_CONNECTION or (
+            event.frame_type is None and event.error_code == wire.ErrorCode.DUPLICATE_CONNECTION
+        )
+        error_type = Superseded if superseded else PeerNotConnectedError
+        self.requests.fail(connection, error_type(f"connection lost: {reason}"))
+        self._messages.drop_parked(connection)
+        if self._ctx.running:
+            self.apply(self.mesh.connection_lost(link.conn_id, reason, self._ctx.now(), rejected=rejected))
+
+    @staticmethod
+    def _termination_reason(connection: Connection, event: events.ConnectionTerminated) -> tuple[str, bool]:
+        """Why it ended, in words, and whether it was a handshake rejection (either way)."""
+        link = connection.link
+        if link.quic.verify_error is not None:
+            return f"rejected peer certificate: {link.quic.verify_error}", True
+        if connection.close_reason is not None:
+            return connection.close_reason, False
+        if QuicErrorCode.CRYPTO_ERROR <= event.error_code < QuicErrorCode.CRYPTO_ERROR + 0x100:
+            # Dialing, the alert is the peer's; accepting, it may be ours (e.g. no common ALPN) or the client's.
+            who = "peer refused the TLS handshake" if link.dialed else "TLS handshake refused"
+            return f"{who}: {event.reason_phrase or 'no reason given'}", True
+        if event.error_code == QuicErrorCode.NO_ERROR and event.reason_phrase == "":
+            return ("idle timeout" if event.frame_type is None else "closed by peer"), False
+        return f"closed by peer: {event.reason_phrase or error_name(event.error_code)}", False
+
+    def before_flush(self, link: Link) -> None:
+        connection = self.by_id.get(link.conn_id)
+        if connection is None or not connection.usable:
+            return
+        if self._messages.flush_acks(connection):
+            link.ack_now = True  # data to send: the QUIC ACK may go with it
+        peer = self._ctx.peers.get(connection.peer or "")
+        if peer is not None and peer.connection is connection and peer.datagram_queue:
+            self._datagrams.flush(peer, connection)
+
+    # --- handshake and control stream ------------------------------------------------------------
+    def _handshake_completed(self, connection: Connection) -> None:
+        if not self._ctx.running:  # a peer redialed while we stop: no Hello, or it would think us up
+            self.close(connection, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
+            return
+        quic = connection.quic
+        verified = quic.verified_peer
+        if verified is None:  # cannot happen: the TLS hook raises instead of returning nothing
+            self.close(connection, wire.ErrorCode.IDENTITY_REJECTED, "peer identity not verified")
+            return
+        connection.transition(Transition.VERIFIED)
+        connection.peer, connection.fingerprint = verified
+        quic.release_handshake_buffers()
+        connection.chain = quic.peer_chain()
+        connection.control_stream = quic.get_next_available_stream_id(is_unidirectional=True)
+        hello = wire.Hello(
+            version=wire.PROTOCOL_VERSION,
+            epoch=self._ctx.epoch,
+            max_message_size=self._ctx.config.limits.max_message_size,
+            max_datagram_payload=self._datagrams.max_payload,
+            features=wire.FEATURES,
+        )
+        quic.send_stream_data(
+            connection.control_stream, wire.encode_stream_type(wire.StreamType.CONTROL) + wire.encode_frame(hello)
+        )
+        self._ctx.touch(connection)
+
+    def _control_frames(self, connection: Connection, frames: list[Any]) -> None:
+        for frame in frames:
+            if isinstance(frame, wire.Hello):
+                self._hello(connection, frame)
+            elif isinstance(frame, wire.Ack):
+                self._messages.acked(connection, frame.message_ids)
+            elif isinstance(frame, wire.Reject):
+                self._messages.rejected(connection, frame)
+            elif isinstance(frame, wire.GoAway):
+                reason = f"peer is going away: {frame.reason or error_name(frame.code)}"
+                self.close(connection, wire.ErrorCode.NO_ERROR, reason, quiet=True)
+                if self._ctx.running:
+                    self.apply(self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now()))
+            elif connection.hello is not None and connection.peer is not None:
+                self._features.control_received(connection.peer, connection.hello.epoch, frame)
+
+    def _hello(self, connection: Connection, hello: wire.Hello) -> None:
+        assert connection.peer is not None
+        if not self._ctx.running or connection.closing:
+            return  # stopping: no new peers
+        if connection.state is not ConnectionState.VERIFIED:
+            raise ProtocolError("a second Hello", code=wire.ErrorCode.PROTOCOL_VIOLATION)
+        if hello.version != wire.PROTOCOL_VERSION:
+            self.close(connection, wire.ErrorCode.VERSION_MISMATCH,
+                       f"peer speaks protocol version {hello.version}, this node {wire.PROTOCOL_VERSION}")
+            return
+        connection.hello = hello
+        connection.batching = bool(hello.features & wire.Feature.DATAGRAM_BATCH)
+        connection.transition(Transition.HELLO)
+        self.apply(self.mesh.connection_ready(
+            connection.peer, connection.conn_id, dialed_by_us=connection.link.dialed, peer_epoch=hello.epoch,
+            now=self._ctx.now(),
+        ))
+        self._messages.connection_ready(connection)
+
+    def send_goaway(self, connection: Connection, code: int, reason: str) -> None:
+        if connection.state is ConnectionState.READY or connection.state is ConnectionState.RETIRING:
+            connection.send_control(wire.GoAway(int(code), reason[:REASON_LIMIT]))
+
+    def close(self, connection: Connection, code: int, reason: str, quiet: bool = False) -> None:
+        if connection.closing or connection.link.terminated:
+            return
+        connection.transition(Transition.CLOSE)
+        connection.close_reason = reason
+        connection.close_code = code
+        if not quiet:
+            log.info("closing connection %s %s: %s", connection.peer or "(unverified)",
+                     format_address(connection.link.address), reason)
+        if connection.link.address is None:
+            # A dial still resolving its peer's name has sent nothing and has no path to send a close
+            # on: forget it (the resolver sees it closing and does not connect it).
+            assert self.endpoint is not None
+            self.endpoint.abandon(connection.link)
+            self.by_id.pop(connection.conn_id, None)
+            self.apply(self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now()))
+            return
+        connection.quic.close(error_code=int(code), reason_phrase=reason[:REASON_LIMIT])
+        self._ctx.touch(connection)
+        peer = self._ctx.peers.get(connection.peer or "")
+        if peer is not None and peer.connection is connection:
+            peer.connection = None
+
+    def _retire(self, connection: Connection, reason: str) -> None:
+        """A duplicate that lost the tie-break while requests ran on it: nothing new goes on it (the
+        winner carries the peer now), but its requests finish before it closes, within a bound."""
+        connection.transition(Transition.RETIRE)
+        connection.retire_reason = reason
+        peer = self._ctx.peers.get(connection.peer or "")
+        if peer is not None and peer.connection is connection:
+            peer.connection = None
+        asyncio.get_running_loop().call_later(
+            self._ctx.config.timers.handshake_timeout, self.close, connection, wire.ErrorCode.DUPLICATE_CONNECTION,
+            reason,
+        )
+
+    def _retired_if_idle(self, connection: Connection) -> None:
+        if connection.state is not ConnectionState.RETIRING or connection.requests or connection.serving:
+            return
+        # A moment for our last response to reach the peer: a close discards unsent stream data.
+        grace = max(0.05, 3 * (connection.quic.smoothed_rtt() or 0.0))
+        asyncio.get_running_loop().call_later(
+            grace, self.close, connection, wire.ErrorCode.DUPLICATE_CONNECTION, connection.retire_reason or ""
+        )
+
+
+def _literal_address(host: str, port: int, family: int) -> tuple[str, int] | None:
+    """``(host, port)`` ready for sendto if host is an IP literal, mapping IPv4 onto a dual-stack socket."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if family == socket.AF_INET6 and ip.version == 4:
+        return (f"::ffff:{ip}", port)
+    if family == socket.AF_INET and ip.version == 6:
+        return None
+    return (str(ip), port)
+
+
+def error_name(code: int) -> str:
+    try:
+        return wire.ErrorCode(code).name.lower()
+    except ValueError:
+        return f"error 0x{code:x}"

@@ -1,0 +1,69 @@
+"""This node's certificate, key and trust policy, and the QUIC configuration built from them."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+
+from quicmesh.config import Config, PeerConfig
+from quicmesh.errors import IdentityError
+from quicmesh.protocol import identity, wire
+
+
+class Credentials:
+    """Loaded from the config's [tls] files; a reload loads a new instance (the old one stays valid for the
+    connections verified with it until they are re-checked)."""
+
+    def __init__(self, config: Config) -> None:
+        """Read cert, key, CA and CRL, and check that our own certificate is one the peers will accept."""
+        chain = identity.load_certificates(config.tls.cert)
+        key = identity.load_private_key(config.tls.key)
+        trust = identity.TrustPolicy.from_files(
+            config.tls.ca, config.node.mesh, crl_path=config.tls.crl, denylist=config.tls.denylist
+        )
+        try:
+            trust.verify(chain, expect_node=config.node.name)
+        except IdentityError as error:
+            raise IdentityError(f"this node's own certificate {config.tls.cert} is unusable: {error}") from None
+        with open(config.tls.ca, "rb") as file:
+            self.ca_pem = file.read()
+        self.chain: list[x509.Certificate] = chain
+        self._key: Any = key
+        self.trust = trust
+
+    @property
+    def fingerprint(self) -> str:
+        return identity.fingerprint(self.chain[0])
+
+    def quic_configuration(self, config: Config, *, is_client: bool) -> QuicConfiguration:
+        limits = config.limits
+        configuration = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[wire.ALPN],
+            max_datagram_frame_size=limits.max_datagram_size,
+            max_datagram_size=limits.max_datagram_size,
+            idle_timeout=max(30.0, config.timers.dead_after * 4),
+            verify_mode=ssl.CERT_REQUIRED,
+            cadata=self.ca_pem,  # the mesh CA only: never the system roots
+        )
+        configuration.certificate = self.chain[0]
+        configuration.certificate_chain = self.chain[1:]
+        configuration.private_key = self._key
+        return configuration
+
+    def verify_peer(self, chain: Sequence[x509.Certificate], expect: str | None,
+                    peers: dict[str, PeerConfig]) -> tuple[str, str]:
+        """Check a peer's chain against the mesh CA, CRL, the configured peers and their pins:
+        (node name, fingerprint). ``expect``: the peer we dialed (None: an inbound connection)."""
+        if expect is not None:
+            found = self.trust.verify(chain, expect_node=expect, pin=peers[expect].fingerprint)
+        else:
+            found = self.trust.verify(chain, allowed_nodes=peers.keys())
+            pin = peers[found.node].fingerprint
+            if pin is not None:
+                found = self.trust.verify(chain, expect_node=found.node, pin=pin)
+        return found.node, identity.fingerprint(chain[0])

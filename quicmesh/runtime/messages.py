@@ -1,0 +1,214 @@
+"""The reliable-message channel: each message on its own unidirectional stream, acknowledged by the peer's
+node once its application has it (an Ack on the control stream), resent on the next connection until then,
+and delivered once: the receiver filters duplicates per sender epoch.
+
+Flow control: at most ``limits.message_window`` messages and half of ``limits.max_peer_buffer`` bytes
+unacknowledged per peer. When the application's inbox is full, messages are held unacknowledged
+("parked"), so the sender's window fills and it slows down instead of anything being dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+
+from quicmesh.errors import MessageTooLargeError, RemoteError, UnknownPeerError
+from quicmesh.protocol import wire
+from quicmesh.runtime.connection import Connection
+from quicmesh.runtime.context import Context
+from quicmesh.runtime.events import Received
+from quicmesh.runtime.inbox import Inbox, woken_from
+from quicmesh.runtime.peer import Outgoing, Peer
+
+
+class MessageChannel:
+    def __init__(self, ctx: Context, inbox: Inbox) -> None:
+        self._ctx = ctx
+        self._inbox = inbox
+        self._parked: deque[tuple[Connection, int, bytes]] = deque()
+
+    # --- send ---------------------------------------------------------------------------------
+    async def send(self, peer: str, data: bytes) -> None:
+        """Send a reliable message; returns once the peer's node has accepted it for its application."""
+        ctx = self._ctx
+        target = ctx.peer_or_raise(peer)
+        ctx.check_running()
+        self.check_size(target, data)
+        size = len(data)
+        await target.window.acquire()
+        reserved = False
+        try:
+            if target.unacked_bytes and target.unacked_bytes + size > ctx.config.limits.max_peer_buffer // 2:
+                await self._wait_for_unacked_bytes(target, size)
+            target.unacked_bytes += size
+            reserved = True
+            ctx.check_running()
+            if ctx.peers.get(peer) is not target:
+                raise UnknownPeerError(f"peer {peer} was removed from the config")
+            message_id = target.next_message_id
+            target.next_message_id += 1
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            target.unacked[message_id] = Outgoing(bytes(data), future)
+            connection = target.connection
+            if connection is not None and connection.usable:
+                self._transmit(connection, message_id, data)
+        except BaseException:
+            target.window.release()
+            if reserved:
+                self._release_bytes(target, size)
+            raise
+        # Cancelling the caller cancels only this wait, not the message: it stays in ``unacked`` (and is
+        # resent) until the peer acks it. A plain await: a shield would cost one more loop iteration.
+        await future
+        target.counters.messages_out += 1
+        target.counters.bytes_out += len(data)
+
+    def check_size(self, peer: Peer, data: bytes) -> None:
+        """MessageTooLargeError if ``data`` exceeds our max_message_size or the peer's (its Hello says)."""
+        limit = self._ctx.config.limits.max_message_size
+        where = "local"
+        connection = peer.connection
+        if connection is not None and connection.hello is not None and connection.hello.max_message_size < limit:
+            limit, where = connection.hello.max_message_size, f"peer {peer.name}'s"
+        if len(data) > limit:
+            raise MessageTooLargeError(f"message of {len(data)} bytes exceeds the {where} max_message_size "
+                                       f"({limit} bytes)")
+
+    def resend(self, peer: Peer, connection: Connection) -> None:
+        """A new active connection: everything still unacknowledged goes again (the receiver dedupes)."""
+        for message_id, outgoing in peer.unacked.items():
+            self._transmit(connection, message_id, outgoing.body)
+
+    def _transmit(self, connection: Connection, message_id: int, body: bytes) -> None:
+        quic = connection.quic
+        stream_id = quic.get_next_available_stream_id(is_unidirectional=True)
+        quic.send_stream_data(stream_id, wire.encode_message(message_id, body), end_stream=True)
+        self._ctx.touch(connection)
+
+    def acked(self, connection: Connection, message_ids: Iterable[int]) -> None:
+        peer = self._ctx.peers.get(connection.peer or "")
+        if peer is None:
+            return
+        for message_id in message_ids:
+            outgoing = peer.unacked.pop(message_id, None)
+            if outgoing is None:
+                continue  # a repeated ack after a resend
+            peer.window.release()
+            self._release_bytes(peer, len(outgoing.body))
+            if not outgoing.future.done():
+                outgoing.future.set_result(None)
+
+    def rejected(self, connection: Connection, frame: wire.Reject) -> None:
+        peer = self._ctx.peers.get(connection.peer or "")
+        outgoing = peer.unacked.pop(frame.message_id, None) if peer else None
+        if peer is None or outgoing is None:
+            return
+        peer.window.release()
+        self._release_bytes(peer, len(outgoing.body))
+        if not outgoing.future.done():
+            error_type = MessageTooLargeError if frame.code == wire.ErrorCode.MESSAGE_TOO_LARGE else RemoteError
+            outgoing.future.set_exception(error_type(f"peer {peer.name} refused the message: {frame.reason}"))
+
+    def fail_unacked(self, peer: Peer, error: Exception) -> None:
+        for outgoing in peer.unacked.values():
+            if not outgoing.future.done():
+                outgoing.future.set_exception(error)
+        peer.unacked.clear()
+        self._release_bytes(peer, peer.unacked_bytes)
+
+    async def _wait_for_unacked_bytes(self, peer: Peer, size: int) -> None:
+        """Keep at most half of max_peer_buffer unacknowledged (always allowing one message), so a
+        receiver with the same limits never has to cut us off for holding too much of ours."""
+        budget = self._ctx.config.limits.max_peer_buffer // 2
+        while peer.unacked_bytes and peer.unacked_bytes + size > budget:
+            await woken_from(peer.byte_waiters)
+            self._ctx.check_running()
+
+    @staticmethod
+    def _release_bytes(peer: Peer, size: int) -> None:
+        peer.unacked_bytes -= size
+        while peer.byte_waiters:
+            waiter = peer.byte_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- receive ------------------------------------------------------------------------------
+    def stream_complete(self, connection: Connection, message_id: int, body: bytes) -> None:
+        """A whole message stream arrived: deliver it, or hold it until the peer's Hello (its epoch)."""
+        if connection.usable:
+            self._received(connection, message_id, body)
+        else:
+            connection.early_messages.append((message_id, body))
+            connection.message_bytes += len(body)
+
+    def connection_ready(self, connection: Connection) -> None:
+        """The peer's Hello came: messages that arrived before it can be delivered now."""
+        early, connection.early_messages = connection.early_messages, []
+        for message_id, body in early:
+            connection.message_bytes -= len(body)
+            self._received(connection, message_id, body)
+
+    def _received(self, connection: Connection, message_id: int, body: bytes) -> None:
+        assert connection.peer is not None and connection.hello is not None
+        peer = self._ctx.peers[connection.peer]
+        if peer.incoming.seen(connection.hello.epoch, message_id) or message_id in peer.parked_ids:
+            if message_id not in peer.parked_ids:
+                connection.pending_acks.append(message_id)  # our earlier ack was lost: ack again
+            return
+        if self._inbox.full():
+            # The application is behind: hold the message unacknowledged, so the sender's window
+            # fills and it slows down, instead of dropping it or growing without bound.
+            peer.parked_ids.add(message_id)
+            self._parked.append((connection, message_id, body))
+            connection.message_bytes += len(body)
+            return
+        self._accept(connection, peer, message_id, body)
+
+    def _accept(self, connection: Connection, peer: Peer, message_id: int, body: bytes) -> None:
+        peer.incoming.record(message_id)
+        peer.counters.messages_in += 1
+        peer.counters.bytes_in += len(body)
+        connection.pending_acks.append(message_id)
+        self._ctx.touch(connection)
+        self._inbox.deliver(Received(peer.name, "message", body))
+
+    def unpark(self) -> None:
+        """The application made room in the inbox: accept held messages while it lasts."""
+        while self._parked and not self._inbox.full():
+            connection, message_id, body = self._parked.popleft()
+            connection.message_bytes -= len(body)
+            peer = self._ctx.peers.get(connection.peer or "")
+            if peer is None:
+                continue
+            peer.parked_ids.discard(message_id)
+            if connection.usable and connection.hello is not None and connection.hello.epoch == peer.incoming.epoch:
+                self._accept(connection, peer, message_id, body)
+            # else: the connection is gone; the sender resends it on the next one
+
+    @property
+    def parked(self) -> bool:
+        return bool(self._parked)
+
+    def drop_parked(self, connection: Connection) -> None:
+        """Held messages of a lost connection: unacknowledged, so the sender resends them on its next one."""
+        if not any(entry[0] is connection for entry in self._parked):
+            return
+        peer = self._ctx.peers.get(connection.peer or "")
+        kept: deque[tuple[Connection, int, bytes]] = deque()
+        for entry in self._parked:
+            if entry[0] is not connection:
+                kept.append(entry)
+            elif peer is not None:
+                peer.parked_ids.discard(entry[1])
+        self._parked = kept
+
+    def flush_acks(self, connection: Connection) -> bool:
+        """Send the ids accepted since the last flush in Ack frames; True if there were any."""
+        acks = connection.pending_acks
+        if not acks:
+            return False
+        for start in range(0, len(acks), wire.MAX_ACK_IDS):
+            connection.send_control(wire.Ack(tuple(acks[start : start + wire.MAX_ACK_IDS])))
+        acks.clear()
+        return True
