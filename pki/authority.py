@@ -53,7 +53,18 @@ from pki.defaults import (  # noqa: F401  (re-exported: they were defined here b
     MAX_DAYS,
 )
 from pki.files import PUBLIC_MODE, SECRET_MODE, make_private_dir, refuse_existing, write_file
-from pki.layout import CA_CERT, CA_CHAIN, CA_KEY, CRL, ISSUED, NODE_CERT, NODE_KEY, refresh_crl_copies
+from pki.layout import (
+    CA_CERT,
+    CA_CHAIN,
+    CA_KEY,
+    CRL,
+    ISSUED,
+    NODE_CERT,
+    NODE_CSR,
+    NODE_KEY,
+    STAGED_SUFFIX,
+    refresh_crl_copies,
+)
 
 BACKDATE = dt.timedelta(minutes=5)
 """Certificates start a little in the past, so a peer whose clock lags slightly still accepts them."""
@@ -365,11 +376,6 @@ def _pem(*certs: x509.Certificate) -> bytes:
 
 
 # --- keys from elsewhere: CSRs and renewal ------------------------------------------------------
-NODE_CSR = "node.csr"
-STAGED_SUFFIX = ".new"
-"""`renew` writes node.crt.new (and node.key.new) beside files in use unless told to replace them (--force)."""
-
-
 @dataclass(frozen=True)
 class CsrMade:
     """A certificate signing request just written on a node, and its key (which never leaves the node)."""

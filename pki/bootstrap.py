@@ -38,14 +38,11 @@ from pki.layout import (
     NODE_CERT,
     NODE_CONFIG,
     NODE_KEY,
+    STAGED_SUFFIX,
     MeshManifest,
     read_manifest,
     refresh_crl_copies,
 )
-
-
-STAGED_CONFIG_SUFFIX = ".new"
-"""A node.toml that bootstrap would change is left alone; the new one goes to node.toml.new."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +183,7 @@ def write_node_config(path: Path, content: bytes) -> str:
         return "written"
     if path.read_bytes() == content:
         return "unchanged"
-    write_file(path.with_name(path.name + STAGED_CONFIG_SUFFIX), content, PUBLIC_MODE, replace=True)
+    write_file(path.with_name(path.name + STAGED_SUFFIX), content, PUBLIC_MODE, replace=True)
     return "staged"
 
 

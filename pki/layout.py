@@ -1,7 +1,9 @@
 """Where quicmesh-pki keeps things, so that every command agrees on it.
 
 CA directory:        ca.key (0600), ca.crt, chain.pem (intermediate CAs only), crl.pem, issued/<serial>.pem
-Node directory:      node.key (0600), node.crt (leaf + intermediates); bootstrap adds ca.crt, crl.pem, node.toml
+Node directory:      node.key (0600), node.crt (leaf + intermediates); bootstrap adds ca.crt, crl.pem, node.toml;
+                     `csr` writes node.csr; files that exist are not replaced: `renew` writes node.crt.new
+                     (node.key.new) and a re-run of bootstrap node.toml.new beside them
 Bootstrap directory: mesh.json, ca/ (a CA directory), <node>/ (a node directory per node)
 """
 
@@ -28,6 +30,9 @@ ISSUED = "issued"
 NODE_KEY = "node.key"
 NODE_CERT = "node.crt"
 NODE_CONFIG = "node.toml"
+NODE_CSR = "node.csr"
+STAGED_SUFFIX = ".new"
+"""What `renew` and `bootstrap` append to a file in use that they do not replace: node.crt.new, node.toml.new."""
 
 MANIFEST = "mesh.json"
 BOOTSTRAP_CA = "ca"
