@@ -10,14 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from quicmesh.errors import IdentityError
+from quicmesh.protocol.dates import as_utc, days_left, format_utc
 from quicmesh.protocol.identity import (
     TrustPolicy,
-    as_utc,
     ca_mesh,
     certificate_label,
-    days_left,
     fingerprint,
-    format_utc,
     identity_of,
     is_ca_certificate,
     load_certificates,
@@ -47,7 +45,7 @@ def describe_file(path: Path | str, now: dt.datetime | None = None) -> list[dict
 def describe_certificate(cert: x509.Certificate, now: dt.datetime | None = None) -> dict[str, Any]:
     """The facts an operator checks about a certificate, JSON-ready."""
     now = as_utc(now)
-    left = days_left(cert, now)
+    left = days_left(cert.not_valid_after_utc, now)
     item: dict[str, Any] = {"kind": "certificate", "label": certificate_label(cert)}
     warnings = []
     if is_ca_certificate(cert):
