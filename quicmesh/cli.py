@@ -17,16 +17,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quicmesh import __version__
-from quicmesh.config import LOG_FORMATS, LOG_LEVELS, Config, load_config, render_config
 from quicmesh.errors import ConfigError, IdentityError, QuicmeshError
 from quicmesh.ops.control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
                                   fetch_status, socket_path)
+from quicmesh.ops.logs import FORMATS, LEVELS
 from quicmesh.ops.status import (EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code, problem_summary,
                                  render)
 from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
+
+if TYPE_CHECKING:
+    from quicmesh.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 STATUS_POLL = 0.2       # seconds between two polls of `status --wait`
@@ -92,8 +95,8 @@ def build_parser() -> _Parser:
 
     run = command("run", "run a node (the daemon) until SIGTERM; SIGHUP reloads the config", _cmd_run)
     run.add_argument("-c", "--config", metavar="node.toml", required=True)
-    run.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [log] level")
-    run.add_argument("--log-format", choices=LOG_FORMATS, help="overrides [log] format")
+    run.add_argument("--log-level", choices=LEVELS, help="overrides [log] level")
+    run.add_argument("--log-format", choices=FORMATS, help="overrides [log] format")
 
     check = command("check-config", "validate a config and its certificates; print the resolved config",
                     _cmd_check_config)
@@ -176,6 +179,8 @@ def config_error_lines(exc: ConfigError) -> list[str]:
 
 # --- run, check-config ----------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
+    from quicmesh.config import load_config
+
     config = load_config(args.config)
     from quicmesh.ops.daemon import run  # the node (and aioquic) only for the commands that need them
 
@@ -223,6 +228,8 @@ def check_credentials(config: Config) -> tuple[dict[str, Any], list[str]]:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from quicmesh.config import load_config, render_config
+
     try:
         config = load_config(args.config)
         facts, errors = check_credentials(config)
@@ -253,7 +260,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _socket(args: argparse.Namespace) -> Path:
     if not (args.socket or args.config or os.environ.get(SOCKET_ENV)):
         args.parser.error(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
-    return socket_path(load_config(args.config) if args.config else None, explicit=args.socket)
+    if not args.config:
+        return socket_path(explicit=args.socket)
+    from quicmesh.config import load_config  # only with -c: a socket path alone needs no config
+
+    return socket_path(load_config(args.config), explicit=args.socket)
 
 
 async def wait_status(path: Path, wait: float) -> tuple[dict[str, Any] | None, NodeUnreachableError | None]:

@@ -5,15 +5,12 @@
 - :mod:`.parser`: :func:`load_config` and :func:`parse_config`;
 - :mod:`.render`: :func:`render_config`, the resolved config as TOML.
 
-Light on purpose (no cryptography, no aioquic): client commands read the config to find the control socket.
+Light on purpose (no cryptography, no aioquic): `quicmesh status -c node.toml` reads it to find the control socket.
 """
 
 from __future__ import annotations
 
 from quicmesh.config.model import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    MAX_SOCKET_PATH_BYTES,
     Address,
     Config,
     ControlSection,
@@ -31,6 +28,7 @@ from quicmesh.config.model import (
 from quicmesh.config.parser import load_config, parse_config
 from quicmesh.config.render import render_config
 from quicmesh.config.schema import parse_address
+from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES
 from quicmesh.protocol.fingerprints import normalize_fingerprint
 
 __all__ = [
@@ -47,8 +45,6 @@ __all__ = [
     "ServiceConfig",
     "ForwardConfig",
     "Config",
-    "LOG_FORMATS",
-    "LOG_LEVELS",
     "MAX_SOCKET_PATH_BYTES",
     "parse_address",
     "normalize_fingerprint",

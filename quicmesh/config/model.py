@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,7 @@ MAX_MESSAGE_SIZE = 1 << 30
 # (deque maxlen, QUIC varint of the idle timeout in ms).
 MAX_DATAGRAM_QUEUE = 1_000_000
 MAX_SECONDS = 86_400.0
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
-DEFAULT_SOCKET_NAME = "quicmesh.sock"
 MAX_FLOWS_PER_PEER = wire.MAX_FLOW_ID + 1  # one flow per flow id
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 
 # --- the resolved config ------------------------------------------------------------------------
@@ -79,13 +75,23 @@ class Limits:
 
 @dataclass(frozen=True)
 class Timers:
-    """All in seconds."""
+    """All in seconds; the peer manager's timers (runtime/peer_manager.py)."""
 
-    keepalive: float = 1.0
-    dead_after: float = 3.0
+    keepalive: float = 1.0  # ping a connection quiet for this long
+    dead_after: float = 3.0  # close a connection silent for this long
     backoff_min: float = 0.2
     backoff_max: float = 10.0
-    handshake_timeout: float = 5.0
+    handshake_timeout: float = 5.0  # limit for a dial or inbound connection to become ready
+
+    def __post_init__(self) -> None:
+        # Positive delays guarantee that the peer manager's poll() always moves its next deadline past now
+        # (no busy loop), whoever builds a Timers: the config parser reports these with the key path first.
+        for name in ("keepalive", "dead_after", "backoff_min", "backoff_max", "handshake_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Timers.{name} must be a positive number of seconds, got {value!r}")
+        if self.backoff_max < self.backoff_min:
+            raise ValueError(f"Timers.backoff_max ({self.backoff_max}) < backoff_min ({self.backoff_min})")
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from quicmesh.config.schema import (
     TIMER_ORDER,
     ItemErrors,
     Table,
-    default_socket_path,
     did_you_mean,
     header,
 )
 from quicmesh.errors import ConfigError
+from quicmesh.ops.socket_paths import default_socket_path
 from quicmesh.protocol import wire
 from quicmesh.protocol.text import show
 
@@ -156,9 +156,9 @@ class Parser:
 
     def check_timer_order(self, given: dict[str, Any]) -> None:
         """Blame the key the user wrote, not the default it collides with."""
-        timers = Timers(**given)
-        for low, high, strict in TIMER_ORDER:
-            lo, hi = getattr(timers, low), getattr(timers, high)
+        timers = {field.name: given.get(field.name, field.default) for field in dataclasses.fields(Timers)}
+        for low, high, strict in TIMER_ORDER:  # before a Timers exists: it refuses a wrong order itself
+            lo, hi = timers[low], timers[high]
             if hi > lo or (hi == lo and not strict):
                 continue
             if high in given:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import ipaddress
 import os
 import re
@@ -20,15 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quicmesh.config.model import (
-    DEFAULT_SOCKET_NAME,
-    LOG_FORMATS,
-    LOG_LEVELS,
     MAX_DATAGRAM_QUEUE,
     MAX_FLOWS_PER_PEER,
     MAX_MESSAGE_SIZE,
     MAX_MESSAGE_WINDOW,
     MAX_SECONDS,
-    MAX_SOCKET_PATH_BYTES,
     Address,
     ControlSection,
     ForwardConfig,
@@ -43,6 +38,8 @@ from quicmesh.config.model import (
     TlsSection,
 )
 from quicmesh.errors import InvalidNameError
+from quicmesh.ops.logs import FORMATS, LEVELS
+from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
 from quicmesh.protocol.fingerprints import normalize_fingerprint
 from quicmesh.protocol.names import validate_name
 from quicmesh.protocol.text import show
@@ -252,32 +249,14 @@ def _check_file(path: Path, private: bool) -> None:
         )
 
 
-def _socket_path_fits(path: Path) -> bool:
-    return len(str(path).encode("utf-8", "surrogateescape")) <= MAX_SOCKET_PATH_BYTES
-
-
 def _socket(value: Any, parser: Parser) -> Path:
     path = _path(value, parser)
-    if not _socket_path_fits(path):
+    if not socket_path_fits(path):
         raise ValueError(
             f"{path} is too long for a Unix socket (at most {MAX_SOCKET_PATH_BYTES} bytes); "
             "choose a shorter path, e.g. under /run or /tmp"
         )
     return path
-
-
-def default_socket_path(base_dir: Path, node: str) -> Path:
-    """<config dir>/quicmesh.sock, or, if that is too long for a Unix socket, a short path that
-    `quicmesh run` and `quicmesh status` derive alike from the config folder and the node name."""
-    path = base_dir / DEFAULT_SOCKET_NAME
-    if _socket_path_fits(path):
-        return path
-    digest = hashlib.sha256(str(base_dir).encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    name = f"quicmesh-{node}-{digest}.sock"
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(runtime_dir) and _socket_path_fits(Path(runtime_dir, name)):
-        return Path(runtime_dir, name)
-    return Path("/tmp", name)  # at most 14 + 63 + 22 bytes: always fits
 
 
 _NODE = Table(NodeSection, (
@@ -310,7 +289,7 @@ _LIMITS = Table(Limits, (
 ))
 _TIMERS = Table(Timers, tuple(Field(f.name, _seconds) for f in dataclasses.fields(Timers)))
 _CONTROL = Table(ControlSection, (Field("socket", _socket),))  # default needs the node name
-_LOG = Table(LogSection, (Field("level", _choice(*LOG_LEVELS)), Field("format", _choice(*LOG_FORMATS))))
+_LOG = Table(LogSection, (Field("level", _choice(*LEVELS)), Field("format", _choice(*FORMATS))))
 
 
 def _boolean(value: Any, _: Parser) -> bool:

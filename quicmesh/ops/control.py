@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from quicmesh.config import MAX_SOCKET_PATH_BYTES, Config
 from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, PeerNotConnectedError,
                              QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
 from quicmesh.ops.logs import fields
+from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
 from quicmesh.ops.status import build_status
 
 if TYPE_CHECKING:
+    from quicmesh.config import Config
     from quicmesh.ops.view import NodeView
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def socket_path(config: Config | None = None, explicit: str | os.PathLike[str] |
     if not chosen:
         raise ControlError(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
     path = Path(chosen)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+    if not socket_path_fits(path):
         raise ControlError(f"control socket path {path} is {len(os.fsencode(path))} bytes long, more than "
                            f"the {MAX_SOCKET_PATH_BYTES} a Unix socket allows: choose a shorter control.socket "
                            f"(or set {SOCKET_ENV})")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from quicmesh.config import Address, load_config, render_config
 from quicmesh.errors import QuicmeshError
 from quicmesh.ops.control import SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status
 from quicmesh.ops.status import exit_code, problem_summary, render
@@ -69,7 +68,10 @@ def free_udp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def make_local_mesh(directory: Path, names: Iterable[str] = NAMES[:3], mesh: str = "demo") -> list[LocalNode]:
     """Bootstrap a mesh into ``directory`` (a CA, a folder per node) whose nodes listen on 127.0.0.1 only."""
-    from pki.bootstrap import NodeSpec, bootstrap  # cryptography: only when a mesh is made (not for `bench --help`)
+    # Imported here, not above: `quicmesh bench` imports this module, and its client-side use must stay light.
+    from pki.bootstrap import NodeSpec, bootstrap
+
+    from quicmesh.config import Address, load_config, render_config
 
     names = list(names)
     specs = [NodeSpec(name, "127.0.0.1", port) for name, port in zip(names, free_udp_ports(len(names)))]

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from quicmesh.config import LOG_FORMATS, LOG_LEVELS
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` and is a field.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -78,10 +79,10 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     """Send every log record at ``level`` or above to ``stream`` (stderr) in ``fmt``; safe to call again
     (SIGHUP may change the level or format)."""
     global _handler
-    if level not in LOG_LEVELS:
-        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    if fmt not in LOG_FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

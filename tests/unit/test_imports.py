@@ -22,7 +22,8 @@ def test_import_cli_loads_no_aioquic_nor_cryptography() -> None:
     assert heavy_modules_after("import quicmesh.cli") == "[]"
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["status", "--help"], ["send", "--help"]])
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["status", "--help"], ["send", "--help"],
+                                  ["status", "--json", "--socket", "/nonexistent/quicmesh.sock"]])
 def test_client_commands_load_no_aioquic_nor_cryptography(argv: list[str]) -> None:
     code = ("import sys, contextlib, io\nfrom quicmesh.cli import main\n"
             f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): main({argv!r})")
