@@ -51,8 +51,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
     }
     # Additive to schema 1 (absent on older nodes): forwarding counters when the node forwards UDP,
     # the strangers' drop counters once the node started, and the CA's expiry.
-    if node.forward_handler is not None:
-        document["forwarding"] = node.forward_handler.status()
+    from quicmesh.forwarding.forwarder import Forwarder  # light (no aioquic); a running node has it loaded
+
+    if (forwarder := node.features.find(Forwarder)) is not None:
+        document["forwarding"] = forwarder.status()
     if (guard := node.guard_status()) is not None:
         document["guard"] = guard
     return {**document, **_expiry("ca", node.ca_not_after, now)}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from quicmesh import PeerStatus
-    from quicmesh.forwarding.forwarder import Forwarder
+    from quicmesh.runtime.features import FeatureHost
 
 
 class NodeView(Protocol):
@@ -44,7 +44,8 @@ class NodeView(Protocol):
     def rejection_count(self) -> int: ...
 
     @property
-    def forward_handler(self) -> Forwarder | None: ...
+    def features(self) -> FeatureHost:
+        """The plugged-in features: status reads the UDP forwarder's counters through it."""
 
     def peers(self) -> list[PeerStatus]: ...
 

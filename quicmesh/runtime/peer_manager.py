@@ -7,7 +7,7 @@ until :meth:`PeerManager.next_deadline` and then calls :meth:`PeerManager.poll`.
 a peer's up/down state only from PeerUp/PeerDown: :class:`PeerUp` may repeat with a new ``conn_id``
 when a duplicate or a restarted peer's connection replaces the active one, without a PeerDown between.
 
-Per-peer state machine (the state is derived from the fields, see ``_Peer.state``):
+Per-peer state machine (the state is derived from the fields, see ``_PeerPlan.state``):
 
 ===========  ===========================================  ===========  ===============================
 from         event                                        to           actions
@@ -57,6 +57,7 @@ from enum import Enum
 from typing import Union
 
 from quicmesh.errors import UnknownPeerError
+from quicmesh.config import Timers
 from quicmesh.protocol.wire import ErrorCode
 
 
@@ -66,26 +67,6 @@ class PeerState(str, Enum):
     CONNECTED = "connected"
     BACKOFF = "backoff"  # waiting to redial after a failure
     REJECTED = "rejected"  # like BACKOFF, after an identity check failed; waits backoff_max
-
-
-@dataclass(frozen=True)
-class MeshTimers:
-    """All in seconds."""
-
-    keepalive: float = 1.0  # ping a connection quiet for this long
-    dead_after: float = 3.0  # close a connection silent for this long
-    backoff_min: float = 0.2
-    backoff_max: float = 10.0
-    handshake_timeout: float = 5.0  # limit for a dial or inbound connection to become ready
-
-    def __post_init__(self) -> None:
-        # Positive delays guarantee that poll() always moves next_deadline() past now (no busy loop).
-        for name in ("keepalive", "dead_after", "backoff_min", "backoff_max", "handshake_timeout"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"MeshTimers.{name} must be a positive number of seconds, got {value!r}")
-        if self.backoff_max < self.backoff_min:
-            raise ValueError(f"MeshTimers.backoff_max ({self.backoff_max}) < backoff_min ({self.backoff_min})")
 
 
 @dataclass(frozen=True)
@@ -163,7 +144,7 @@ class _Conn:
 
 
 @dataclass
-class _Peer:
+class _PeerPlan:
     name: str
     next_dial_at: float = -math.inf  # -inf: due at the first poll
     yields_first: bool = False  # its dial would lose the tie-break: give the peer's a head start
@@ -193,13 +174,13 @@ class PeerManager:
     """Keeps a full mesh to ``peers``; see the module docstring for the rules."""
 
     def __init__(
-        self, local_name: str, peers: Iterable[str], timers: MeshTimers, rng: random.Random | None = None
+        self, local_name: str, peers: Iterable[str], timers: Timers, rng: random.Random | None = None
     ) -> None:
         self.local_name = local_name
         self._timers = timers
         self._rng = rng if rng is not None else random.Random()
-        self._peers: dict[str, _Peer] = {
-            name: _Peer(name, yields_first=name < local_name) for name in peers if name != local_name
+        self._peers: dict[str, _PeerPlan] = {
+            name: _PeerPlan(name, yields_first=name < local_name) for name in peers if name != local_name
         }
         self._conns: dict[int, _Conn] = {}
         self._closed: set[int] = set()  # closed by an action, connection_lost not reported yet
@@ -225,10 +206,10 @@ class PeerManager:
                 actions.append(PeerDown(name, reason))
         for name in wanted:
             if name not in self._peers:
-                self._peers[name] = _Peer(name, next_dial_at=now)
+                self._peers[name] = _PeerPlan(name, next_dial_at=now)
         return actions
 
-    def set_timers(self, timers: MeshTimers) -> None:
+    def set_timers(self, timers: Timers) -> None:
         """New timers apply to every deadline from now on; a backoff already drawn is kept."""
         self._timers = timers
 
@@ -430,7 +411,7 @@ class PeerManager:
         )
 
     # --- helpers ------------------------------------------------------------------------------
-    def _activate(self, p: _Peer, conn: _Conn, now: float) -> None:
+    def _activate(self, p: _PeerPlan, conn: _Conn, now: float) -> None:
         self._conns[conn.conn_id] = conn
         p.active = conn.conn_id
         p.connected_since = now
@@ -465,7 +446,7 @@ class PeerManager:
         self._closed.add(conn_id)
         return Close(conn_id, code, reason)
 
-    def _fail(self, p: _Peer, reason: str, now: float, rejected: bool) -> None:
+    def _fail(self, p: _PeerPlan, reason: str, now: float, rejected: bool) -> None:
         t = self._timers
         p.failures += 1
         p.rejected = rejected
@@ -486,7 +467,6 @@ _MAY_DIAL = frozenset({PeerState.IDLE, PeerState.BACKOFF, PeerState.REJECTED})
 
 __all__ = [
     "PeerState",
-    "MeshTimers",
     "Dial",
     "Close",
     "Ping",

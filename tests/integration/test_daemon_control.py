@@ -31,14 +31,28 @@ class FakePeer:
         return {"name": self.name, "state": self.state, "address": "127.0.0.1:1", "counters": {}}
 
 
+class NoFeatures:
+    def find(self, feature_type: type) -> None:
+        return None
+
+
 class FakeNode:
     """Just enough of quicmesh.Node for the control server."""
+
+    features = NoFeatures()
 
     name, mesh, listen_address, fingerprint = "alpha", "test", ("127.0.0.1", 4433), "sha256:" + "00" * 32
     cert_not_after = datetime.now(timezone.utc) + timedelta(days=100)
 
+    ca_not_after = datetime.now(timezone.utc) + timedelta(days=1000)
+    rejections: list[tuple[float, str, str]] = []
+    rejection_count = 0
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bool]] = []
+
+    def guard_status(self) -> None:
+        return None
 
     def peers(self) -> list[FakePeer]:
         return [FakePeer("beta", "connected"), FakePeer("gamma", "backoff")]

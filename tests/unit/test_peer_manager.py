@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from quicmesh.errors import UnknownPeerError
-from quicmesh.runtime.peer_manager import Close, Dial, MeshTimers, PeerDown, PeerManager, PeerState, PeerUp, Ping
+from quicmesh.config import Timers
+from quicmesh.runtime.peer_manager import Close, Dial, PeerDown, PeerManager, PeerState, PeerUp, Ping
 from quicmesh.protocol.wire import ErrorCode
 
-TIMERS = MeshTimers(keepalive=1.0, dead_after=3.0, backoff_min=0.2, backoff_max=10.0, handshake_timeout=5.0)
+TIMERS = Timers(keepalive=1.0, dead_after=3.0, backoff_min=0.2, backoff_max=10.0, handshake_timeout=5.0)
 
 
 class FixedJitter(random.Random):
@@ -447,7 +448,7 @@ def test_lost_is_idempotent_and_ready_twice_is_ignored() -> None:
 def test_set_timers_applies_to_running_deadlines() -> None:
     m = manager()
     connect(m, "b", 1, 0.0)
-    m.set_timers(MeshTimers(keepalive=0.5, dead_after=2.0))
+    m.set_timers(Timers(keepalive=0.5, dead_after=2.0))
     assert m.next_deadline() == 0.5
     assert m.poll(2.0)[0] == Close(1, ErrorCode.PEER_UNRESPONSIVE, "no packet for 2.0s")
 
@@ -457,7 +458,7 @@ def test_set_timers_applies_to_running_deadlines() -> None:
 )
 def test_timers_must_be_positive(kwargs) -> None:
     with pytest.raises(ValueError):
-        MeshTimers(**kwargs)
+        Timers(**kwargs)
 
 
 # --- random interleavings -------------------------------------------------------------------
