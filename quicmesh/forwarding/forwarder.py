@@ -39,6 +39,8 @@ from quicmesh.errors import QuicmeshError
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import format_address
 
+from quicmesh.runtime.features import FeatureBase
+
 if TYPE_CHECKING:
     from quicmesh.runtime.features import FeatureHost
     from quicmesh.runtime.node import Node
@@ -132,7 +134,7 @@ class _Forward:
         self.flows: dict[Any, _ClientFlow] = {}
 
 
-class Forwarder:
+class Forwarder(FeatureBase):
     """UDP service forwarding for one :class:`~quicmesh.runtime.node.Node`: ``await Forwarder(node).start()``.
 
     Uses the node's config (``[[services]]``, ``[[forwards]]``, ``[limits]``); :meth:`apply` takes a
@@ -282,9 +284,6 @@ class Forwarder:
     def peer_ready(self, peer: str, epoch: int) -> None:
         """A new active connection to ``peer``: tell it which of our services it may use."""
         self._announce(peer)
-
-    def peer_lost(self, peer: str, reason: str) -> None:
-        """Flows to and from ``peer`` wait for it to come back (or expire idle); nothing to do at once."""
 
     def control_received(self, peer: str, epoch: int, frame: object) -> None:
         if isinstance(frame, wire.Services):

@@ -20,6 +20,7 @@ A RETIRING connection still carries the requests running on it, but nothing new 
 
 from __future__ import annotations
 
+import asyncio
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
     from quicmesh.transport._aioquic import MeshQuicConnection
     from quicmesh.transport.endpoint import Link
+
+
+#: Longest reason (characters) we put in a CONNECTION_CLOSE, GoAway, Reject or error response.
+REASON_LIMIT = 512
 
 
 class ConnectionState(str, Enum):
@@ -104,10 +109,12 @@ class Connection:
         self.request_bytes = 0
         # message channel: ids to acknowledge at the next flush; messages that came before the Hello
         self.pending_acks: list[int] = []
-        self.early_messages: list[tuple[int, bytes]] = []
+        self.early_messages: list[tuple[int, bytes, int]] = []  # (message id, body, feature tag)
         # request channel: our requests waiting for a response (by stream id); requests we are serving
         self.requests: dict[int, Any] = {}
         self.serving = 0
+        # Node.ping: QUIC PINGs by uid (keepalives use uid 0), resolved when the peer acknowledges them
+        self.pings: dict[int, asyncio.Future[None]] = {}
 
     def transition(self, event: Transition) -> ConnectionState:
         new = TRANSITIONS.get((self.state, event))

@@ -21,7 +21,7 @@ from aioquic.quic.packet import QuicErrorCode
 from quicmesh.errors import IdentityError, PeerNotConnectedError, ProtocolError
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import format_address
-from quicmesh.runtime.connection import Connection, ConnectionState, Transition
+from quicmesh.runtime.connection import REASON_LIMIT, Connection, ConnectionState, Transition
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
 from quicmesh.runtime.datagrams import DatagramChannel
@@ -29,7 +29,7 @@ from quicmesh.runtime.events import PeerEvents
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.messages import MessageChannel
 from quicmesh.runtime.peer_manager import Close, Dial, PeerDown, PeerManager, PeerUp, Ping
-from quicmesh.runtime.requests import REASON_LIMIT, RequestChannel, Superseded
+from quicmesh.runtime.requests import RequestChannel, Superseded
 from quicmesh.runtime.streams import StreamReader
 from quicmesh.transport._aioquic import MeshQuicConnection
 from quicmesh.transport.endpoint import Endpoint, Link
@@ -44,13 +44,13 @@ class Connections:
     """Implements the endpoint's LinkHandler; owns every Connection by conn_id."""
 
     def __init__(self, ctx: Context, datagrams: DatagramChannel, messages: MessageChannel,
-                 features: FeatureHost, events_out: PeerEvents) -> None:
+                 events_out: PeerEvents) -> None:
         self._ctx = ctx
         self.credentials: Credentials | None = None  # loaded at start, replaced on reload
         self._datagrams = datagrams
         self._messages = messages
         self.requests = RequestChannel(ctx, self._retired_if_idle)
-        self._features = features
+        self.features: FeatureHost | None = None  # set by the node once the seam exists (it needs our requests)
         self._events = events_out
         self._streams = StreamReader(ctx, messages, self.requests, self._control_frames, self.close)
         self.by_id: dict[int, Connection] = {}
@@ -62,6 +62,12 @@ class Connections:
         #: The latest handshake rejections, either way: (unix time, address, reason).
         self.rejections: deque[tuple[float, str, str]] = deque(maxlen=32)
         self.rejection_count = 0
+        self._ping_uid = 0  # Node.ping's PINGs count from 1 (the peer manager's keepalives use 0)
+
+    @property
+    def _feature_host(self) -> FeatureHost:
+        assert self.features is not None
+        return self.features
 
     # --- QUIC connections and identity ----------------------------------------------------------
     def new_server_connection(self, original_destination_cid: bytes,
@@ -95,6 +101,15 @@ class Connections:
                 self.close(connection, wire.ErrorCode.IDENTITY_REJECTED, reason)
                 actions += self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now(), rejected=True)
         return actions
+
+    def ping(self, connection: Connection) -> asyncio.Future[None]:
+        """Send a QUIC PING; the future completes when the peer's ACK of it arrives."""
+        self._ping_uid += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        connection.pings[self._ping_uid] = waiter
+        connection.quic.send_ping(self._ping_uid)
+        self._ctx.touch(connection)
+        return waiter
 
     # --- the peer manager's actions ---------------------------------------------------------------
     def tick(self) -> None:
@@ -207,7 +222,7 @@ class Connections:
         address = connection.quic.get_peer_address() or connection.link.address
         log.info("peer %s connected from %s (%s)", peer_name, format_address(address), connection.fingerprint)
         if connection.hello is not None:
-            self._features.peer_ready(peer_name, connection.hello.epoch)
+            self._feature_host.peer_ready(peer_name, connection.hello.epoch)
         if not was_up:
             self._events.publish(peer_name, "connected", None)
 
@@ -222,7 +237,7 @@ class Connections:
         if old is not None:
             self.requests.fail(old, PeerNotConnectedError(f"connection to {peer_name} lost: {reason}"))
         log.warning("peer %s disconnected: %s", peer_name, reason)
-        self._features.peer_lost(peer_name, reason)
+        self._feature_host.peer_lost(peer_name, reason)
         self._events.publish(peer_name, "disconnected", reason)
 
     # --- LinkHandler: what the endpoint tells us -------------------------------------------------
@@ -248,6 +263,10 @@ class Connections:
                 self._handshake_completed(connection)
             elif kind is events.StreamReset:
                 self._streams.reset(connection, event.stream_id)
+            elif kind is events.PingAcknowledged:
+                waiter = connection.pings.pop(event.uid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         except ProtocolError as error:
             log.warning("protocol violation by %s: %s", connection.peer or "unverified peer", error)
             self.close(connection, error.code, f"protocol violation: {error}")
@@ -269,6 +288,10 @@ class Connections:
         )
         error_type = Superseded if superseded else PeerNotConnectedError
         self.requests.fail(connection, error_type(f"connection lost: {reason}"))
+        for waiter in connection.pings.values():
+            if not waiter.done():
+                waiter.set_exception(PeerNotConnectedError(f"connection lost: {reason}"))
+        connection.pings.clear()
         self._messages.drop_parked(connection)
         if self._ctx.running:
             self.apply(self.mesh.connection_lost(link.conn_id, reason, self._ctx.now(), rejected=rejected))
@@ -340,7 +363,7 @@ class Connections:
                 if self._ctx.running:
                     self.apply(self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now()))
             elif connection.hello is not None and connection.peer is not None:
-                self._features.control_received(connection.peer, connection.hello.epoch, frame)
+                self._feature_host.control_received(connection.peer, connection.hello.epoch, frame)
 
     def _hello(self, connection: Connection, hello: wire.Hello) -> None:
         assert connection.peer is not None

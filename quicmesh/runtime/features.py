@@ -1,31 +1,42 @@
 """The extension seam: how a feature (UDP forwarding today; relay, durable storage, membership, pub/sub
 next) plugs into a node without adding methods to ``Node``.
 
-A feature declares the wire things it owns — datagram kinds and control frame types — and is told when a
-peer's connection becomes active and when it is lost. It acts through the :class:`FeatureHost` it is given
-(send a datagram or a control frame, ask a peer's datagram limit), never through the node's internals.
-Each kind and frame type has at most one owner; registering a second owner is a bug and raises.
+A feature declares the wire things it owns — datagram kinds, control frame types, and feature tags (its
+reliable messages and requests travel on FEATURE_MESSAGE / FEATURE_REQUEST streams with that tag, with the
+same ids, window, resends, duplicate filter and limits as the application's) — and is told when a peer's
+connection becomes active and when it is lost. It acts through the :class:`FeatureHost` it is given, never
+through the node's internals. Each kind, frame type and tag has one owner; a second one raises.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from quicmesh.errors import QuicmeshError
+from quicmesh.errors import PeerNotConnectedError, QuicmeshError
 from quicmesh.protocol import wire
 
 if TYPE_CHECKING:
     from quicmesh.runtime.context import Context
     from quicmesh.runtime.datagrams import DatagramChannel
+    from quicmesh.runtime.events import Received
+    from quicmesh.runtime.inbox import Inbox
+    from quicmesh.runtime.messages import MessageChannel
+    from quicmesh.runtime.requests import RequestChannel
+
+F = TypeVar("F")
 
 
 class Feature(Protocol):
-    """What a feature implements. Calls come from the node's packet processing: keep them quick."""
+    """What a feature implements (:class:`FeatureBase` has do-nothing defaults). Calls come from the
+    node's packet processing: keep them quick, hand longer work to a task."""
 
     #: wire.DatagramKind values whose datagrams go to :meth:`datagram_received`
     datagram_kinds: frozenset[int]
     #: control frame classes (wire.Services, ...) that go to :meth:`control_received`
     control_frames: tuple[type, ...]
+    #: wire.FeatureTag values whose messages and requests go to :meth:`message_received` / :meth:`request_received`
+    feature_tags: frozenset[int]
 
     def peer_ready(self, peer: str, epoch: int) -> None:
         """``peer`` has a new active connection (its node process is ``epoch``): announce yourself."""
@@ -39,36 +50,78 @@ class Feature(Protocol):
     def control_received(self, peer: str, epoch: int, frame: object) -> None:
         """A control frame of one of your types, from a verified peer whose node process is ``epoch``."""
 
+    def message_received(self, peer: str, tag: int, data: bytes) -> Awaitable[object] | None:
+        """A reliable message for one of your tags. Return None to accept it now (it is acknowledged), or
+        an awaitable: it is acknowledged once that completes. Raising refuses it; the sender gets why."""
 
-F = TypeVar("F")
+    def request_received(self, peer: str, tag: int, data: bytes) -> Awaitable[bytes] | bytes:
+        """A request for one of your tags: the response body (or an awaitable of it). Raising sends the
+        caller a RemoteError."""
+
+
+class FeatureBase:
+    """Do-nothing defaults for :class:`Feature`: a feature overrides what it uses."""
+
+    datagram_kinds: frozenset[int] = frozenset()
+    control_frames: tuple[type, ...] = ()
+    feature_tags: frozenset[int] = frozenset()
+
+    def peer_ready(self, peer: str, epoch: int) -> None:
+        pass
+
+    def peer_lost(self, peer: str, reason: str) -> None:
+        pass
+
+    def datagram_received(self, peer: str, datagram: bytes) -> None:
+        pass
+
+    def control_received(self, peer: str, epoch: int, frame: object) -> None:
+        pass
+
+    def message_received(self, peer: str, tag: int, data: bytes) -> Awaitable[object] | None:
+        raise QuicmeshError(f"{type(self).__name__} takes no messages")
+
+    def request_received(self, peer: str, tag: int, data: bytes) -> Awaitable[bytes] | bytes:
+        raise QuicmeshError(f"{type(self).__name__} takes no requests")
 
 
 class FeatureError(QuicmeshError):
-    """A feature asked for something the seam does not allow (a kind or frame type already owned)."""
+    """A feature asked for something the seam does not allow (a kind, frame type or tag already owned)."""
+
+
+_RESERVED_KINDS = frozenset({int(wire.DatagramKind.APP), int(wire.DatagramKind.BATCH)})
 
 
 class FeatureHost:
     """What a feature may do with the node; ``node.features`` is the one instance."""
 
-    def __init__(self, ctx: Context, datagrams: DatagramChannel) -> None:
+    def __init__(self, ctx: Context, datagrams: DatagramChannel, messages: MessageChannel,
+                 requests: RequestChannel, inbox: Inbox) -> None:
         self._ctx = ctx
         self._datagrams = datagrams
+        self._messages = messages
+        self._requests = requests
+        self._inbox = inbox
         self._features: list[Feature] = []
         self._frames: dict[type, Feature] = {}
 
     # --- registration -------------------------------------------------------------------------
     def add(self, feature: Feature) -> None:
         """Plug ``feature`` in; peers already connected are announced to it at once."""
-        taken = [kind for kind in feature.datagram_kinds if kind in self._datagrams.handlers]
-        taken += [frame.__name__ for frame in feature.control_frames if frame in self._frames]
-        reserved = {int(wire.DatagramKind.APP), int(wire.DatagramKind.BATCH)} & set(feature.datagram_kinds)
-        if taken or reserved:
-            raise FeatureError(f"already owned: {sorted(map(str, [*taken, *reserved]))}")
+        taken = [f"datagram kind {kind}" for kind in feature.datagram_kinds
+                 if kind in self._datagrams.handlers or kind in _RESERVED_KINDS]
+        taken += [f"frame {frame.__name__}" for frame in feature.control_frames if frame in self._frames]
+        taken += [f"tag {tag}" for tag in feature.feature_tags if tag in self._messages.feature_handlers or tag <= 0]
+        if taken:
+            raise FeatureError(f"{type(feature).__name__} cannot have {', '.join(taken)}: already owned or reserved")
         self._features.append(feature)
         for kind in feature.datagram_kinds:
             self._datagrams.handlers[kind] = feature.datagram_received
         for frame in feature.control_frames:
             self._frames[frame] = feature
+        for tag in feature.feature_tags:
+            self._messages.feature_handlers[tag] = _bind_tag(feature.message_received, tag)
+            self._requests.feature_handlers[tag] = _bind_tag(feature.request_received, tag)
         for name, peer in self._ctx.peers.items():
             connection = peer.usable_connection
             if connection is not None and connection.hello is not None:
@@ -82,15 +135,22 @@ class FeatureHost:
             self._datagrams.handlers.pop(kind, None)
         for frame in feature.control_frames:
             self._frames.pop(frame, None)
+        for tag in feature.feature_tags:
+            self._messages.feature_handlers.pop(tag, None)
+            self._requests.feature_handlers.pop(tag, None)
 
     def find(self, feature_type: type[F]) -> F | None:
-        """The plugged-in feature of this type, if any (status and metrics ask for the forwarder this way)."""
+        """The plugged-in feature of this type, if any (status reads the forwarder this way)."""
         for feature in self._features:
             if isinstance(feature, feature_type):
                 return feature
         return None
 
     # --- what features may do -----------------------------------------------------------------
+    @property
+    def node_name(self) -> str:
+        return self._ctx.name
+
     def connected_peers(self) -> list[str]:
         return [name for name, peer in self._ctx.peers.items() if peer.usable_connection is not None]
 
@@ -116,6 +176,24 @@ class FeatureHost:
         self._ctx.touch(connection)
         return True
 
+    async def send_message(self, peer: str, tag: int, data: bytes) -> None:
+        """A reliable message to ``peer``'s feature ``tag``: returns once that feature accepted it (resent
+        across reconnects until then, like the application's messages)."""
+        await self._messages.send(peer, data, tag)
+
+    async def request(self, peer: str, tag: int, data: bytes, timeout: float = 5.0) -> bytes:
+        """A request to ``peer``'s feature ``tag``; its response body (RemoteError, RequestTimeoutError...)."""
+        target = self._ctx.peer_or_raise(peer)
+        self._ctx.check_running()
+        self._messages.check_size(target, data)
+        if target.usable_connection is None:
+            raise PeerNotConnectedError(f"peer {peer} is not connected")
+        return await self._requests.request(target, data, timeout, tag)
+
+    def deliver(self, item: Received) -> None:
+        """Hand an item to the application (its receive handler, or the inbox read by ``recv()``)."""
+        self._inbox.deliver(item)
+
     # --- what the node tells features ---------------------------------------------------------
     def peer_ready(self, peer: str, epoch: int) -> None:
         for feature in self._features:
@@ -132,3 +210,10 @@ class FeatureHost:
             return False
         feature.control_received(peer, epoch, frame)
         return True
+
+
+def _bind_tag(handler, tag: int):  # noqa: ANN001, ANN202 - (peer, tag, data) -> (peer, data) for the channels
+    def for_tag(peer: str, data: bytes):  # noqa: ANN202
+        return handler(peer, tag, data)
+
+    return for_tag

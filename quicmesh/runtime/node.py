@@ -21,7 +21,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 
 from quicmesh.config import Config
-from quicmesh.errors import ConfigError, NodeClosedError, QuicmeshError, UnknownPeerError
+from quicmesh.errors import (
+    ConfigError,
+    NodeClosedError,
+    PeerNotConnectedError,
+    QuicmeshError,
+    RequestTimeoutError,
+    UnknownPeerError,
+)
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import format_address
 from quicmesh.runtime.connection import Connection
@@ -53,9 +60,10 @@ class Node:
         self._events = PeerEvents()
         self._datagrams = DatagramChannel(ctx, self._inbox)
         self._messages = MessageChannel(ctx, self._inbox)
+        self._connections = Connections(ctx, self._datagrams, self._messages, self._events)
         #: the extension seam: features (UDP forwarding, ...) plug in here
-        self.features = FeatureHost(ctx, self._datagrams)
-        self._connections = Connections(ctx, self._datagrams, self._messages, self.features, self._events)
+        self.features = FeatureHost(ctx, self._datagrams, self._messages, self._connections.requests, self._inbox)
+        self._connections.features = self.features
         self._endpoint: Endpoint | None = None
         self.listen_address: tuple[str, int] | None = None
 
@@ -244,6 +252,24 @@ class Node:
         self._ctx.check_running()
         self._messages.check_size(target, data)
         return await self._connections.requests.request(target, data, timeout)
+
+    async def ping(self, peer: str, timeout: float = 5.0) -> float:
+        """Round-trip time to ``peer`` in seconds: a QUIC PING on its connection until the peer's ACK."""
+        target = self._ctx.peer_or_raise(peer)
+        self._ctx.check_running()
+        connection = target.usable_connection
+        if connection is None:
+            raise PeerNotConnectedError(f"peer {peer} is not connected")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiter = self._connections.ping(connection)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            connection.pings = {uid: w for uid, w in connection.pings.items() if w is not waiter}
+            raise RequestTimeoutError(f"no answer to a ping from {peer} within {timeout:g}s") from None
+        return loop.time() - started
 
     # --- receiving, events, status -----------------------------------------------------------------
     def set_receive_handler(self, handler: ReceiveHandler | None) -> None:

@@ -64,6 +64,7 @@ class Outgoing:
 
     body: bytes
     future: asyncio.Future[None]
+    tag: int = 0  # 0: for the peer's application; else the wire.FeatureTag of the feature it is for
 
 
 @dataclass

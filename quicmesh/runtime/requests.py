@@ -22,14 +22,12 @@ from quicmesh.errors import (
     RequestTimeoutError,
 )
 from quicmesh.protocol import wire
-from quicmesh.runtime.connection import Connection
+from quicmesh.runtime.connection import REASON_LIMIT, Connection
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.events import RequestHandler
 from quicmesh.runtime.peer import Peer
 
 log = logging.getLogger("quicmesh.node")
-
-REASON_LIMIT = 512
 
 
 class Superseded(PeerNotConnectedError):
@@ -43,31 +41,40 @@ class PendingRequest:
 
 
 class RequestChannel:
+    """Plain requests (REQUEST streams, the application's handler) and feature requests (FEATURE_REQUEST
+    streams, whose tag picks the feature's handler); one set of limits and errors for both."""
+
     def __init__(self, ctx: Context, retired_if_idle: Callable[[Connection], None]) -> None:
         self._ctx = ctx
         self._retired_if_idle = retired_if_idle  # a retiring connection closes once its requests are done
         self.handler: RequestHandler | None = None
+        #: wire.FeatureTag -> the feature's handler, same signature as the application's
+        self.feature_handlers: dict[int, RequestHandler] = {}
 
     # --- asking -------------------------------------------------------------------------------
-    async def request(self, target: Peer, data: bytes, timeout: float) -> bytes:
+    async def request(self, target: Peer, data: bytes, timeout: float, tag: int = 0) -> bytes:
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    return await self._request_on(target, data)
+                    return await self._request_on(target, data, tag)
                 except Superseded:
                     # Its connection lost a duplicate tie-break before the peer served it (the peer
                     # finishes requests it started on a losing duplicate): send it on the winner.
                     while target.usable_connection is None:
                         self._ctx.check_running()
                         await asyncio.sleep(0.01)
-                    return await self._request_on(target, data)
+                    return await self._request_on(target, data, tag)
         except TimeoutError:
             raise RequestTimeoutError(f"no response from {target.name} within {timeout:g}s") from None
 
-    async def _request_on(self, target: Peer, data: bytes) -> bytes:
+    async def _request_on(self, target: Peer, data: bytes, tag: int) -> bytes:
         connection = target.usable_connection
         if connection is None:
             raise PeerNotConnectedError(f"peer {target.name} is not connected")
+        if tag:
+            hello = connection.hello
+            if hello is None or not hello.features & wire.Feature.FEATURE_STREAMS:
+                raise PeerError(f"peer {target.name} runs a quicmesh version without feature requests")
         limits = self._ctx.config.limits
         if len(connection.requests) >= limits.max_requests_in_flight:
             raise PeerError(f"{len(connection.requests)} requests to {target.name} already in flight "
@@ -76,7 +83,8 @@ class RequestChannel:
         stream_id = quic.get_next_available_stream_id(is_unidirectional=False)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         connection.requests[stream_id] = PendingRequest(future, wire.ResponseDecoder(limits.max_message_size))
-        quic.send_stream_data(stream_id, wire.encode_request(data), end_stream=True)
+        stream = wire.encode_feature_request(tag, data) if tag else wire.encode_request(data)
+        quic.send_stream_data(stream_id, stream, end_stream=True)
         self._ctx.touch(connection)
         target.counters.requests_out += 1
         try:
@@ -120,16 +128,17 @@ class RequestChannel:
         connection.requests.clear()
 
     # --- serving ------------------------------------------------------------------------------
-    def serve(self, connection: Connection, stream_id: int, body: bytes) -> None:
+    def serve(self, connection: Connection, stream_id: int, body: bytes, tag: int = 0) -> None:
         peer = self._ctx.peers[connection.peer or ""]
         peer.counters.requests_in += 1
         if connection.serving >= self._ctx.config.limits.max_requests_in_flight:
             peer.counters.requests_refused += 1
             self.respond(connection, stream_id, wire.ResponseStatus.OVERLOADED, b"too many requests in flight")
             return
-        handler = self.handler
+        handler = self.feature_handlers.get(tag) if tag else self.handler
         if handler is None:
-            self.respond(connection, stream_id, wire.ResponseStatus.NO_HANDLER, b"peer has no request handler")
+            what = f"no feature for tag {tag}" if tag else "no request handler"
+            self.respond(connection, stream_id, wire.ResponseStatus.NO_HANDLER, f"peer has {what}".encode())
             return
         try:
             result = handler(connection.peer or "", body)

@@ -22,6 +22,8 @@ from quicmesh.runtime.requests import RequestChannel
 
 log = logging.getLogger("quicmesh.node")
 
+_MESSAGES = frozenset({wire.StreamType.MESSAGE, wire.StreamType.FEATURE_MESSAGE})
+
 #: (connection, frames): the control frames decoded from a chunk of the control stream
 ControlHandler = Callable[[Connection, list[Any]], None]
 #: close a connection: (connection, code, reason, quiet)
@@ -86,6 +88,12 @@ class StreamReader:
         del connection.streams[stream_id]
         if kind == wire.StreamType.MESSAGE:
             self._messages.stream_complete(connection, *result)
+        elif kind == wire.StreamType.FEATURE_MESSAGE:
+            tag, message_id, body = result
+            self._messages.stream_complete(connection, message_id, body, tag)
+        elif kind == wire.StreamType.FEATURE_REQUEST:
+            tag, body = result
+            self._requests.serve(connection, stream_id, body, tag)
         else:
             self._requests.serve(connection, stream_id, result)
 
@@ -98,7 +106,7 @@ class StreamReader:
     def _within_buffer(self, connection: Connection, stream_id: int, stream: InStream, size: int) -> bool:
         limit = self._ctx.config.limits.max_peer_buffer
         stream.buffered += size
-        if stream.stream_type == wire.StreamType.MESSAGE:
+        if stream.stream_type in _MESSAGES:
             connection.message_bytes += size
             if connection.message_bytes > limit:
                 # Our own senders never get here (they keep half of it unacknowledged): a peer that
@@ -119,7 +127,7 @@ class StreamReader:
     @staticmethod
     def _unbuffer(connection: Connection, stream: InStream) -> None:
         """The stream's bytes no longer count against its peer's max_peer_buffer."""
-        if stream.stream_type == wire.StreamType.MESSAGE:
+        if stream.stream_type in _MESSAGES:
             connection.message_bytes -= stream.buffered
         else:
             connection.request_bytes -= stream.buffered
@@ -132,7 +140,7 @@ class StreamReader:
         self._unbuffer(connection, stream)
         code = wire.ErrorCode.RESOURCE_LIMIT if overloaded else wire.ErrorCode.MESSAGE_TOO_LARGE
         connection.quic.stop_stream(stream_id, code)
-        if stream.stream_type == wire.StreamType.MESSAGE:
+        if stream.stream_type in _MESSAGES:
             connection.send_control(wire.Reject(stream.decoder.message_id, code, reason))
         else:
             if overloaded:
@@ -150,6 +158,10 @@ class StreamReader:
         limit = self._ctx.config.limits.max_message_size
         if stream_type == wire.StreamType.MESSAGE:
             return wire.MessageDecoder(limit)
+        if stream_type == wire.StreamType.FEATURE_MESSAGE:
+            return wire.FeatureMessageDecoder(limit)
+        if stream_type == wire.StreamType.FEATURE_REQUEST:
+            return wire.FeatureRequestDecoder(limit)
         return wire.RequestDecoder(limit)
 
 

@@ -233,7 +233,7 @@ def test_read_stream_type() -> None:
         assert read_stream_type(encode_stream_type(stream_type)) == (stream_type, 1)
 
 
-@pytest.mark.parametrize("data", [b"\x03", b"\x3f", b"\x40\x40", b"\xff" * 8])
+@pytest.mark.parametrize("data", [b"\x05", b"\x3f", b"\x40\x40", b"\xff" * 8])
 def test_unknown_stream_type(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="unknown stream type"):
         read_stream_type(data)
@@ -376,7 +376,7 @@ hellos = st.builds(Hello, varints, varints, varints, varints, varints)
 def test_control_frame_layout() -> None:
     assert encode_stream_type(StreamType.CONTROL) == b"\x00"
     assert encode_frame(Hello(1, 2, 3, 4)) == b"\x01\x05\x01\x02\x03\x04\x00"
-    assert encode_frame(Hello(1, 2, 3, 4, FEATURES)) == b"\x01\x05\x01\x02\x03\x04\x01"
+    assert encode_frame(Hello(1, 2, 3, 4, FEATURES)) == b"\x01\x05\x01\x02\x03\x04\x03"
     assert encode_frame(Ack((7, 3, 4, 3))) == b"\x02\x04\x03\x03\x00\x02"  # ids 3, 4, 7 as gaps
     assert encode_frame(Reject(9, ErrorCode.MESSAGE_TOO_LARGE, "big")) == b"\x03\x05\x09\x02big"
     assert encode_frame(GoAway(ErrorCode.SHUTDOWN, "")) == b"\x04\x01\x04"

@@ -39,6 +39,7 @@ class ErrorCode(IntEnum):
     VERSION_MISMATCH = 9
     RESOURCE_LIMIT = 10
     RELOAD = 11
+    REFUSED = 12  # a feature message the receiving node has no feature for, or its feature refused
 
 
 class DatagramKind(IntEnum):
@@ -54,10 +55,11 @@ class Feature(IntFlag):
     """Bits of ``Hello.features``: what the sender of the Hello accepts beyond the base protocol."""
 
     DATAGRAM_BATCH = 0x1  # BATCH datagrams
+    FEATURE_STREAMS = 0x2  # FEATURE_MESSAGE and FEATURE_REQUEST streams
 
 
 #: What this implementation accepts (sent in its Hello); unknown bits from a peer are ignored.
-FEATURES = Feature.DATAGRAM_BATCH
+FEATURES = Feature.DATAGRAM_BATCH | Feature.FEATURE_STREAMS
 
 
 class StreamType(IntEnum):
@@ -66,6 +68,17 @@ class StreamType(IntEnum):
     CONTROL = 0x00  # unidirectional, one per direction, opened first
     MESSAGE = 0x01  # unidirectional, one per reliable message
     REQUEST = 0x02  # bidirectional, one per request; the response comes back on it
+    FEATURE_MESSAGE = 0x03  # unidirectional: a reliable message for a feature (its tag says which)
+    FEATURE_REQUEST = 0x04  # bidirectional: a request for a feature; the response as for REQUEST
+
+
+class FeatureTag(IntEnum):
+    """Which feature a FEATURE_MESSAGE or FEATURE_REQUEST is for (0 is never sent: plain MESSAGE/REQUEST)."""
+
+    PUBSUB = 0x01
+    DURABLE = 0x02
+    MEMBERSHIP = 0x03
+    RELAY = 0x04
 
 
 class ResponseStatus(IntEnum):

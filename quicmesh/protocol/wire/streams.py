@@ -8,7 +8,7 @@ from quicmesh.errors import ProtocolError
 from quicmesh.protocol.wire.common import ErrorCode, ResponseStatus, StreamType, decode_varint, encode_varint
 
 # --- stream type ------------------------------------------------------------------------------
-_BIDIRECTIONAL = frozenset({StreamType.REQUEST})
+_BIDIRECTIONAL = frozenset({StreamType.REQUEST, StreamType.FEATURE_REQUEST})
 _STREAM_PREFIX = {t: encode_varint(t) for t in StreamType}
 
 
@@ -42,6 +42,17 @@ def read_stream_type(
 def encode_message(message_id: int, body: bytes) -> bytes:
     """A whole MESSAGE stream (the sender then ends it with FIN)."""
     return b"".join((_STREAM_PREFIX[StreamType.MESSAGE], encode_varint(message_id), encode_varint(len(body)), body))
+
+
+def encode_feature_message(tag: int, message_id: int, body: bytes) -> bytes:
+    """A whole FEATURE_MESSAGE stream: a reliable message for the feature ``tag`` (then FIN)."""
+    return b"".join((_STREAM_PREFIX[StreamType.FEATURE_MESSAGE], encode_varint(tag), encode_varint(message_id),
+                     encode_varint(len(body)), body))
+
+
+def encode_feature_request(tag: int, body: bytes) -> bytes:
+    """The request direction of a whole FEATURE_REQUEST stream (then FIN); the response is as for REQUEST."""
+    return b"".join((_STREAM_PREFIX[StreamType.FEATURE_REQUEST], encode_varint(tag), encode_varint(len(body)), body))
 
 
 def encode_request(body: bytes) -> bytes:
@@ -149,6 +160,44 @@ class MessageDecoder(_BodyDecoder):
 
     def feed(self, data: bytes, end_stream: bool) -> tuple[int, bytes] | None:
         """``(message_id, body)`` once the whole body and FIN have arrived, else None."""
+        done = self._feed(data, end_stream)
+        return None if done is None else (done[0][0], done[1])
+
+
+class FeatureMessageDecoder(_BodyDecoder):
+    """Decodes a FEATURE_MESSAGE stream after its stream type: tag, message_id, body_length, body, FIN."""
+
+    _FIELDS = 3
+    _WHAT = "message"
+    __slots__ = ()
+
+    def _check_header(self, fields: tuple[int, ...]) -> None:
+        if fields[0] == 0:
+            raise ProtocolError("feature message with tag 0", code=ErrorCode.PROTOCOL_VIOLATION)
+
+    @property
+    def message_id(self) -> int | None:
+        return None if self._header is None else self._header[1]
+
+    def feed(self, data: bytes, end_stream: bool) -> tuple[int, int, bytes] | None:
+        """``(tag, message_id, body)`` once the whole body and FIN have arrived, else None."""
+        done = self._feed(data, end_stream)
+        return None if done is None else (done[0][0], done[0][1], done[1])
+
+
+class FeatureRequestDecoder(_BodyDecoder):
+    """Decodes the request direction of a FEATURE_REQUEST stream after its type: tag, body_length, body, FIN."""
+
+    _FIELDS = 2
+    _WHAT = "request"
+    __slots__ = ()
+
+    def _check_header(self, fields: tuple[int, ...]) -> None:
+        if fields[0] == 0:
+            raise ProtocolError("feature request with tag 0", code=ErrorCode.PROTOCOL_VIOLATION)
+
+    def feed(self, data: bytes, end_stream: bool) -> tuple[int, bytes] | None:
+        """``(tag, body)`` once it and FIN have arrived, else None."""
         done = self._feed(data, end_stream)
         return None if done is None else (done[0][0], done[1])
 
