@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib
 import json
 import os
 import stat
@@ -75,6 +76,10 @@ def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
+
+
+#: Modules whose ``add_commands(command, target)`` adds a feature's subcommands (one line per feature).
+FEATURE_COMMANDS: tuple[str, ...] = ()
 
 
 def build_parser() -> _Parser:
@@ -145,6 +150,11 @@ def build_parser() -> _Parser:
     bench = command("bench", "measure datagram, message, request and bulk rates, loss and latency on loopback",
                     _cmd_bench, bench_cli.EPILOG)
     bench_cli.add_arguments(bench)
+
+    # Each feature's commands live with the feature: its module's add_commands(command, target) adds them
+    # (argparse only at import: a client command must not load aioquic or cryptography).
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).add_commands(command, target)
     return parser
 
 

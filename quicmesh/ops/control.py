@@ -405,10 +405,20 @@ async def _op_reply(client: _Client, request: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-_OPS: dict[str, Callable[[_Client, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+ControlOp = Callable[["_Client", dict[str, Any]], Awaitable[dict[str, Any]]]
+_OPS: dict[str, ControlOp] = {
     "status": _op_status, "send": _op_send, "request": _op_request,
     "listen": _op_listen, "serve": _op_serve, "reply": _op_reply,
 }
+
+
+def register_ops(ops: dict[str, ControlOp]) -> None:
+    """A feature adds its control ops (each ``async def op(client, request) -> dict``; ``client.server.node``
+    is the node). Called by the feature's module when the daemon wires it; a name already taken raises."""
+    taken = sorted(set(ops) & set(_OPS))
+    if taken:
+        raise ValueError(f"control ops already defined: {', '.join(taken)}")
+    _OPS.update(ops)
 
 
 # --- client -------------------------------------------------------------------------------------
