@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quicmesh.ops.health import ALL_PEERS, MinPeers
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import host_port
 
@@ -125,6 +126,13 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class HealthSection:
+    """What "healthy" and "ready" mean (quicmesh.ops.health): `quicmesh status` and /readyz judge by it."""
+
+    min_peers: MinPeers = ALL_PEERS  # "N" peers or "P%" of the configured ones; default every configured peer
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
 
@@ -155,6 +163,7 @@ class Config:
     log: LogSection
     security: SecuritySection = SecuritySection()
     metrics: MetricsSection = MetricsSection()
+    health: HealthSection = HealthSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key
@@ -170,6 +179,8 @@ class Config:
 def _plain(value: Any) -> Any:
     if isinstance(value, (Path, Address)):
         return str(value)
+    if isinstance(value, MinPeers):  # as written in TOML: 3 or "75%"
+        return value.count if value.count is not None else str(value)
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if dataclasses.is_dataclass(value):

@@ -27,6 +27,7 @@ from quicmesh.config.model import (
     Address,
     ControlSection,
     ForwardConfig,
+    HealthSection,
     Limits,
     LogSection,
     MetricsSection,
@@ -38,6 +39,7 @@ from quicmesh.config.model import (
     TlsSection,
 )
 from quicmesh.errors import InvalidNameError
+from quicmesh.ops.health import MinPeers, parse_min_peers
 from quicmesh.ops.logs import FORMATS, LEVELS
 from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
 from quicmesh.protocol.fingerprints import normalize_fingerprint
@@ -332,6 +334,13 @@ _SECURITY = Table(SecuritySection, (
 _METRICS = Table(MetricsSection, (Field("listen", _address(allow_port_zero=True)),))
 
 
+def _min_peers(value: Any, _: Parser) -> MinPeers:
+    return parse_min_peers(value)
+
+
+_HEALTH = Table(HealthSection, (Field("min_peers", _min_peers),))
+
+
 def _peer_names(value: Any, parser: Parser) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f'must be an array of peer names, e.g. ["beta"], got {show(value)}')
@@ -365,6 +374,7 @@ _FORWARD = Table(ForwardConfig, (
 SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
+    "health": _HEALTH,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")

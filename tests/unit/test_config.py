@@ -21,6 +21,7 @@ from quicmesh.config import (
     Config,
     ControlSection,
     ForwardConfig,
+    HealthSection,
     Limits,
     MetricsSection,
     SecuritySection,
@@ -184,7 +185,7 @@ def test_to_dict_is_plain_json_ready_data(tmp_path: Path) -> None:
     assert "fingerprint" not in data["peers"][0]  # TOML has no null: unset optional keys are left out
     assert data["timers"]["dead_after"] == 2.0
     assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
-                         "services", "forwards"}
+                         "health", "services", "forwards"}
 
 
 # --- errors, each with its key path -----------------------------------------------------------------
@@ -254,7 +255,7 @@ ERROR_CASES = [
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
     (_set("storage", {}), "storage: unknown section (known sections: node, tls, peers, limits, timers, control, log, "
-                                "security, metrics, services, forwards)"),
+                                "security, metrics, health, services, forwards)"),
     (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [metrics] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
@@ -584,7 +585,7 @@ def test_example_config_parses_and_documents_every_key() -> None:
     sections = {f.name for f in dataclasses.fields(Config)} - {"path"}
     classes = {"node": NodeSection, "tls": TlsSection, "peers": PeerConfig, "limits": Limits,
                "timers": Timers, "control": ControlSection, "log": LogSection,
-               "security": SecuritySection, "metrics": MetricsSection,
+               "security": SecuritySection, "metrics": MetricsSection, "health": HealthSection,
                "services": ServiceConfig, "forwards": ForwardConfig}
     assert set(classes) == set(sections)
     assert _keys_by_section(text) == {
@@ -611,9 +612,9 @@ def test_example_config_matches_the_doc() -> None:
 
 # --- nothing but ConfigError escapes --------------------------------------------------------------------
 KNOWN_KEYS = sorted({"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
-                     "services", "forwards"} | {
+                     "health", "services", "forwards"} | {
     f.name for cls in (NodeSection, TlsSection, PeerConfig, Limits, Timers, ControlSection, LogSection,
-                       SecuritySection, MetricsSection, ServiceConfig, ForwardConfig)
+                       SecuritySection, MetricsSection, HealthSection, ServiceConfig, ForwardConfig)
     for f in dataclasses.fields(cls)
 })
 keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=8))
