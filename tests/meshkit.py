@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
 from quicmesh.ops.demo import free_udp_ports
+from quicmesh.protocol import wire
+from quicmesh.runtime.connection import Connection, Transition
+from quicmesh.runtime.credentials import Credentials
 from quicmesh.runtime.node import Node
+from quicmesh.transport._aioquic import MeshQuicConnection
+from quicmesh.transport.endpoint import Link
 
 
 def make_mesh(
@@ -66,3 +73,94 @@ class TerminationWatch(QuicConnectionProtocol):
         if isinstance(event, ConnectionTerminated) and not self.terminated.done():
             self.terminated.set_result(event)
         super().quic_event_received(event)
+
+
+# --- runtime units without a node: in-memory configs and real aioquic connections, no socket -----------
+def unit_config(name: str = "alpha", peers: tuple[str, ...] = ("beta",), **limits: int) -> Config:
+    """A config built in memory (its file paths are never opened): enough for a Context and the channels."""
+    from quicmesh.config import Address, ControlSection, Limits, LogSection, NodeSection, PeerConfig, Timers, TlsSection
+
+    return Config(
+        node=NodeSection(name, "test", Address("127.0.0.1", 4433)),
+        tls=TlsSection(Path("ca.crt"), Path("node.crt"), Path("node.key")),
+        peers=tuple(PeerConfig(peer, Address("127.0.0.1", 4434 + i)) for i, peer in enumerate(peers)),
+        limits=Limits(**limits), timers=Timers(), control=ControlSection(Path("control.sock")), log=LogSection(),
+    )
+
+
+class RecordingQuic(MeshQuicConnection):
+    """A real (unconnected) aioquic connection that also keeps what the runtime handed it: stream writes
+    and DATAGRAM frames, so a test can carry them to the other side itself (or lose them)."""
+
+    def __init__(self, *, max_datagram_size: int = 1200) -> None:
+        configuration = QuicConfiguration(is_client=True, max_datagram_frame_size=max_datagram_size,
+                                          max_datagram_size=max_datagram_size)
+        super().__init__(configuration=configuration, verify_peer=lambda chain: None)
+        self.stream_writes: list[tuple[int, bytes, bool]] = []
+        self.datagram_frames: list[bytes] = []
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        self.stream_writes.append((stream_id, bytes(data), end_stream))
+        super().send_stream_data(stream_id, data, end_stream)
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        self.datagram_frames.append(bytes(data))
+        super().send_datagram_frame(data)
+
+
+def ready_connection(quic: MeshQuicConnection, peer: str, epoch: int, *, conn_id: int = 1, dialed: bool = True,
+                     features: int = wire.FEATURES, max_message_size: int = 16 * 1024 * 1024,
+                     max_datagram_payload: int = 1169) -> Connection:
+    """A Connection moved to READY through its state machine, as Connections does once the peer's Hello came
+    (``dialed``: which side of the connection we play, whatever ``quic`` is)."""
+    connection = Connection(Link(conn_id=conn_id, quic=quic, dialed=dialed))
+    connection.transition(Transition.VERIFIED)
+    connection.peer = peer
+    connection.control_stream = quic.get_next_available_stream_id(is_unidirectional=True)
+    connection.hello = wire.Hello(wire.PROTOCOL_VERSION, epoch, max_message_size, max_datagram_payload, features)
+    connection.batching = bool(features & wire.Feature.DATAGRAM_BATCH)
+    connection.transition(Transition.HELLO)
+    return connection
+
+
+class QuicPair:
+    """alpha (client) and beta (server) as real MeshQuicConnections with the mesh's mutual TLS, their
+    packets carried in memory: ``exchange()`` runs the handshake, then whatever either side queued."""
+
+    ALPHA, BETA = ("127.0.0.1", 7001), ("127.0.0.1", 7002)
+
+    def __init__(self, directory: Path, **limits: int) -> None:
+        if not (directory / "beta" / "node.toml").exists():
+            bootstrap(directory, "test", [parse_node_spec(f"alpha={self.ALPHA[0]}:{self.ALPHA[1]}"),
+                                          parse_node_spec(f"beta={self.BETA[0]}:{self.BETA[1]}")])
+        alpha, beta = (with_limits(load_config(directory / name / "node.toml"), **limits) for name in ("alpha", "beta"))
+        ours, theirs = Credentials(alpha), Credentials(beta)
+        self.client = MeshQuicConnection(
+            configuration=ours.quic_configuration(alpha, is_client=True),
+            verify_peer=lambda chain: ours.verify_peer(chain, "beta", {p.name: p for p in alpha.peers}))
+        self.server = MeshQuicConnection(
+            configuration=theirs.quic_configuration(beta, is_client=False),
+            original_destination_connection_id=self.client.original_destination_connection_id,
+            verify_peer=lambda chain: theirs.verify_peer(chain, None, {p.name: p for p in beta.peers}))
+        self.client.connect(self.BETA, now=time.monotonic())
+
+    def exchange(self, rounds: int = 50) -> tuple[list[QuicEvent], list[QuicEvent]]:
+        """Carry packets both ways until neither side has any (at most ``rounds`` times); each side's events."""
+        for _ in range(rounds):
+            now = time.monotonic()
+            to_server = self.client.datagrams_to_send(now=now)
+            for data, _ in to_server:
+                self.server.receive_datagram(data, self.ALPHA, now=now)
+            to_client = self.server.datagrams_to_send(now=now)
+            for data, _ in to_client:
+                self.client.receive_datagram(data, self.BETA, now=now)
+            if not to_server and not to_client:
+                break
+        return _drain(self.client), _drain(self.server)
+
+
+def _drain(quic: MeshQuicConnection) -> list[QuicEvent]:
+    found = []
+    while (event := quic.next_event()) is not None:
+        found.append(event)
+    return found
