@@ -26,7 +26,7 @@ from quicmesh.config.model import (
     Timers,
     TlsSection,
 )
-from quicmesh.config.parser import load_config, parse_config
+from quicmesh.config.parser import drop_in_files, load_config, parse_config
 from quicmesh.config.render import render_config
 from quicmesh.config.schema import parse_address
 from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES
@@ -51,6 +51,7 @@ __all__ = [
     "parse_address",
     "normalize_fingerprint",
     "load_config",
+    "drop_in_files",
     "parse_config",
     "render_config",
 ]

@@ -1,16 +1,22 @@
 """Reading a node.toml: TOML -> Config, every error reported at once, each prefixed by its key path.
 
-Pure on purpose: besides reading the config file it only stats the files it names. Certificates are
+Drop-ins: every ``conf.d/*.toml`` beside the config file is merged over it, in name order. Tables merge
+key by key (a later file's value replaces an earlier one's, nested tables merge the same way); arrays of
+tables (``[[peers]]``, ``[[services]]``, ...) append; any other value, plain arrays included, is replaced
+whole. With drop-ins, each error names its file and the key path within that file.
+
+Pure on purpose: besides reading the config files it only stats the files it names. Certificates are
 parsed by quicmesh.protocol.identity, sockets opened by the node.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +45,14 @@ def _key(prefix: str, key: object) -> str:
 class Parser:
     """Walks the data against the schema, collecting every error instead of stopping at the first."""
 
-    def __init__(self, base_dir: Path, check_files: bool) -> None:
+    def __init__(self, base_dir: Path, check_files: bool, where: Callable[[str], str] | None = None) -> None:
         self.base_dir = base_dir
         self.check_files = check_files
         self.errors: list[str] = []
+        self.where = where or (lambda path: path)  # key path -> where the user wrote it (drop-ins: file too)
 
     def fail(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
+        self.errors.append(f"{self.where(path)}: {message}")
 
     def unknown_keys(self, data: Mapping[Any, Any], prefix: str, known: list[str]) -> None:
         what = "key" if prefix else "section"
@@ -109,7 +116,7 @@ class Parser:
             name = service.get("name")
             if name is not None:
                 if name in first:
-                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also services[{first[name]}])")
+                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also {self.where(f'services[{first[name]}]')})")
                 else:
                     first[name] = i
             for j, peer in enumerate(service.get("allow") or ()):
@@ -125,7 +132,7 @@ class Parser:
             if listen is None or listen.port == 0:
                 continue
             if listen in listens:
-                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also forwards[{listens[listen]}])")
+                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also {self.where(f'forwards[{listens[listen]}]')})")
             else:
                 listens[listen] = i
             if own is not None and listen == own:
@@ -141,7 +148,7 @@ class Parser:
                 self.fail(f"peers[{i}].name",
                           f"{name!r} is this node itself; a node does not list itself as a peer")
             elif name in first:
-                self.fail(f"peers[{i}].name", f"duplicate peer {name!r} (also peers[{first[name]}])")
+                self.fail(f"peers[{i}].name", f"duplicate peer {name!r} (also {self.where(f'peers[{first[name]}]')})")
             else:
                 first[name] = i
 
@@ -172,16 +179,18 @@ class Parser:
 
 # --- entry points -------------------------------------------------------------------------------------
 def parse_config(
-    data: Mapping[str, Any], base_dir: Path, *, source: str | None = None, check_files: bool = True
+    data: Mapping[str, Any], base_dir: Path, *, source: str | None = None, check_files: bool = True,
+    where: Callable[[str], str] | None = None,
 ) -> Config:
     """Build a Config from TOML-shaped data; relative paths resolve against base_dir.
 
-    Raises ConfigError listing every problem, each prefixed by its key path. check_files=False skips
-    only the filesystem checks (existence, readability, key file mode).
+    Raises ConfigError listing every problem, each prefixed by its key path (``where`` rewrites a key
+    path into the place the user wrote it, for merged files). check_files=False skips only the
+    filesystem checks (existence, readability, key file mode).
     """
     if not isinstance(data, Mapping):
         raise ConfigError([f"the config must be a table of sections, got {show(data)}"], source)
-    parser = Parser(Path(os.path.abspath(os.fspath(base_dir))), check_files)
+    parser = Parser(Path(os.path.abspath(os.fspath(base_dir))), check_files, where)
     parser.unknown_keys(data, "", list(SECTIONS))
     for name in REQUIRED_SECTIONS:
         if name not in data:
@@ -218,10 +227,84 @@ def parse_config(
                   forwards=tuple(ForwardConfig(**item) for item in arrays["forwards"]))
 
 
+DROP_IN_DIR = "conf.d"
+
+
+def drop_in_files(config_path: str | os.PathLike[str]) -> list[Path]:
+    """The ``conf.d/*.toml`` files beside a config file, in the order they are merged (by name)."""
+    folder = Path(os.path.abspath(os.path.expanduser(os.fspath(config_path)))).parent / DROP_IN_DIR
+    try:
+        return sorted((p for p in folder.glob("*.toml") if p.is_file()), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
 def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
-    """Read and validate a node.toml; any problem, even an unreadable file, is a ConfigError."""
+    """Read and validate a node.toml and its drop-ins; any problem, even an unreadable file, is a ConfigError."""
     source = os.fspath(path)
     file = Path(os.path.abspath(os.path.expanduser(source)))
+    data = _read_toml(file, source)
+    drop_ins = drop_in_files(file)
+    if not drop_ins:
+        config = parse_config(data, file.parent, source=source, check_files=check_files)
+        return dataclasses.replace(config, path=file)
+    layers = [(source, data)]
+    for drop_in in drop_ins:
+        label = os.path.join(os.path.dirname(source), DROP_IN_DIR, drop_in.name)
+        layers.append((label, _read_toml(drop_in, label)))
+    merged, origins = merge_layers(layers)
+    config = parse_config(merged, file.parent, check_files=check_files,
+                          where=lambda key_path: _locate(key_path, origins, source))
+    return dataclasses.replace(config, path=file)
+
+
+Origins = dict[str, tuple[str, str]]  # merged key path -> (file, key path within that file)
+
+
+def merge_layers(layers: list[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, Any], Origins]:
+    """Merge (file, data) layers in order (rules in the module docstring); where each key came from."""
+    merged: dict[str, Any] = {}
+    origins: Origins = {}
+    for label, data in layers:
+        _merge_table(merged, data, "", label, origins)
+    return merged, origins
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _merge_table(into: dict[str, Any], data: Mapping[str, Any], prefix: str, label: str, origins: Origins) -> None:
+    for key, value in data.items():
+        at = _key(prefix, key)
+        current = into.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge_table(current, value, at, label, origins)
+        elif _is_table_array(value) and _is_table_array(current):
+            for i, item in enumerate(value):
+                origins[f"{at}[{len(current)}]"] = (label, f"{at}[{i}]")
+                current.append(copy.deepcopy(item))
+        else:
+            into[key] = copy.deepcopy(value)
+            origins[at] = (label, at)
+            for inner in [k for k in origins if k.startswith((at + ".", at + "["))]:
+                del origins[inner]  # replaced whole: nothing below it comes from an earlier file
+
+
+def _locate(key_path: str, origins: Origins, main: str) -> str:
+    """``file: key path in that file`` for a merged key path (the main file for what no file wrote)."""
+    best = ""
+    for known in origins:
+        if len(known) > len(best) and (key_path == known or key_path.startswith((known + ".", known + "["))):
+            best = known
+    if not best:
+        return f"{main}: {key_path}"
+    label, local = origins[best]
+    return f"{label}: {local}{key_path[len(best):]}"
+
+
+def _read_toml(file: Path, source: str) -> Any:
+    """One TOML file's data; every way it can fail is a ConfigError naming ``source``."""
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
@@ -241,5 +324,4 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Co
         raise ConfigError([f"invalid TOML in {file}: {e}"], source) from None
     except RecursionError:
         raise ConfigError([f"invalid TOML in {file}: nested too deeply"], source) from None
-    config = parse_config(data, file.parent, source=source, check_files=check_files)
-    return dataclasses.replace(config, path=file)
+    return data
