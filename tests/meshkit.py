@@ -9,15 +9,31 @@ from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
 
 from pki.bootstrap import bootstrap, parse_node_spec
 from quicmesh.config import Config, load_config
+from quicmesh.errors import PeerNotConnectedError
 from quicmesh.ops.demo import free_udp_ports
 from quicmesh.protocol import wire
 from quicmesh.runtime.connection import Connection, Transition
+from quicmesh.runtime.connections import Connections
+from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
+from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD, DatagramChannel
+from quicmesh.runtime.events import PeerEvents
+from quicmesh.runtime.features import FeatureHost
+from quicmesh.runtime.inbox import Inbox
+from quicmesh.runtime.messages import MessageChannel
 from quicmesh.runtime.node import Node
+from quicmesh.runtime.peer import Peer
+from quicmesh.runtime.streams import StreamReader
 from quicmesh.transport._aioquic import MeshQuicConnection
 from quicmesh.transport.endpoint import Link
 
@@ -108,19 +124,28 @@ class RecordingQuic(MeshQuicConnection):
         super().send_datagram_frame(data)
 
 
-def ready_connection(quic: MeshQuicConnection, peer: str, epoch: int, *, conn_id: int = 1, dialed: bool = True,
-                     features: int = wire.FEATURES, max_message_size: int = 16 * 1024 * 1024,
+def ready_connection(quic: MeshQuicConnection, peer: str, epoch: int, *, own_epoch: int = 0, conn_id: int = 1,
+                     dialed: bool = True, features: int = wire.FEATURES, max_message_size: int = 16 * 1024 * 1024,
                      max_datagram_payload: int = 1169) -> Connection:
     """A Connection moved to READY through its state machine, as Connections does once the peer's Hello came
-    (``dialed``: which side of the connection we play, whatever ``quic`` is)."""
-    connection = Connection(Link(conn_id=conn_id, quic=quic, dialed=dialed))
+    (``epoch``, ``features``...: that Hello's; ``dialed``: which side we play, whatever ``quic`` is). Our
+    control stream is opened with our own Hello, so the other side's decoder takes what follows."""
+    connection = Connection(Link(conn_id=conn_id, quic=quic, dialed=dialed), quic_datagram_payload(quic))
     connection.transition(Transition.VERIFIED)
     connection.peer = peer
     connection.control_stream = quic.get_next_available_stream_id(is_unidirectional=True)
+    own_hello = wire.Hello(wire.PROTOCOL_VERSION, own_epoch, max_message_size, max_datagram_payload, wire.FEATURES)
+    quic.send_stream_data(connection.control_stream,
+                          wire.encode_stream_type(wire.StreamType.CONTROL) + wire.encode_frame(own_hello))
     connection.hello = wire.Hello(wire.PROTOCOL_VERSION, epoch, max_message_size, max_datagram_payload, features)
     connection.batching = bool(features & wire.Feature.DATAGRAM_BATCH)
     connection.transition(Transition.HELLO)
     return connection
+
+
+def quic_datagram_payload(quic: MeshQuicConnection) -> int:
+    """The datagram payload a connection takes, from its QUIC packet size (as Connections computes it)."""
+    return quic.configuration.max_datagram_size - DATAGRAM_PACKET_OVERHEAD
 
 
 class QuicPair:
@@ -148,6 +173,10 @@ class QuicPair:
         """Carry packets both ways until neither side has any (at most ``rounds`` times); each side's events."""
         for _ in range(rounds):
             now = time.monotonic()
+            for quic in (self.client, self.server):
+                timer = quic.get_timer()
+                if timer is not None and timer <= now:
+                    quic.handle_timer(now)
             to_server = self.client.datagrams_to_send(now=now)
             for data, _ in to_server:
                 self.server.receive_datagram(data, self.ALPHA, now=now)
@@ -164,3 +193,127 @@ def _drain(quic: MeshQuicConnection) -> list[QuicEvent]:
     while (event := quic.next_event()) is not None:
         found.append(event)
     return found
+
+
+class ChannelNode:
+    """One node's runtime units (inbox, channels, stream reader, feature host) with one peer, and no
+    Connections or endpoint: the test attaches them to a QUIC connection and carries its packets."""
+
+    def __init__(self, name: str, peer: str, **limits: int) -> None:
+        self.ctx = ctx = Context(unit_config(name, (peer,), **limits))
+        ctx.state = "running"
+        self.peer = ctx.peers[peer] = Peer(ctx.config.peers[0], ctx.config.limits.message_window)
+        self.inbox = Inbox(ctx)
+        self.datagrams = DatagramChannel(ctx, self.inbox)
+        self.messages = MessageChannel(ctx, self.inbox)
+        # the node's Connections, for the request channel and the feature host it makes: never attached to an
+        # endpoint (the test carries the packets and routes the events itself, below)
+        self.connections = Connections(ctx, self.datagrams, self.messages, PeerEvents())
+        self.requests = self.connections.requests
+        self.reader = StreamReader(ctx, self.messages, self.requests, self._control_frames, self._close)
+        self.features = self.connections.features = FeatureHost(ctx, self.datagrams, self.messages, self.connections,
+                                                                self.inbox)
+        self.connection: Connection | None = None
+        self.closed: list[tuple[int, str]] = []  # (code, reason) of what the stream reader closed
+
+    def attach(self, quic: MeshQuicConnection, peer_epoch: int, *, dialed: bool, conn_id: int = 1,
+               features: int = wire.FEATURES) -> Connection:
+        """A new active connection (the old one is lost): unacknowledged messages go again on it."""
+        if self.connection is not None:
+            self.lose()
+        connection = ready_connection(quic, self.peer.name, peer_epoch, own_epoch=self.ctx.epoch, conn_id=conn_id,
+                                      dialed=dialed, features=features)
+        self.connection = self.peer.connection = connection
+        self.messages.connection_ready(connection)
+        self.messages.resend(self.peer, connection)
+        self.features.peer_ready(self.peer.name, peer_epoch)
+        return connection
+
+    def lose(self) -> None:
+        """The active connection is gone, as Connections handles it."""
+        connection = self.connection
+        assert connection is not None
+        connection.link.terminated = True
+        connection.transition(Transition.TERMINATED)
+        self.connection = self.peer.connection = None
+        self.requests.fail(connection, PeerNotConnectedError("connection lost"))
+        self.messages.drop_parked(connection)
+        self.datagrams.drop_queued(self.peer)
+        self.features.peer_lost(self.peer.name, "connection lost")
+
+    def before_flush(self) -> None:
+        connection = self.connection
+        if connection is not None and connection.usable:
+            self.messages.flush_acks(connection)
+            if self.peer.datagram_queue:
+                self.datagrams.flush(self.peer, connection)
+
+    def handle(self, quic_events: list[QuicEvent]) -> int:
+        """Route the connection's events to the units; how many carried application data."""
+        connection = self.connection
+        routed = 0
+        for event in quic_events:
+            if connection is None:
+                break
+            if isinstance(event, StreamDataReceived):
+                self.reader.data(connection, event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, StreamReset):
+                self.reader.reset(connection, event.stream_id)
+            elif isinstance(event, DatagramFrameReceived):
+                self.datagrams.received(connection, event.data)
+            else:
+                continue
+            routed += 1
+        return routed
+
+    def _control_frames(self, connection: Connection, frames: list[object]) -> None:
+        for frame in frames:
+            if isinstance(frame, wire.Ack):
+                self.messages.acked(connection, frame.message_ids)
+            elif isinstance(frame, wire.Reject):
+                self.messages.rejected(connection, frame)
+            elif not isinstance(frame, wire.Hello) and connection.hello is not None:
+                self.features.control_received(self.peer.name, connection.hello.epoch, frame)
+
+    def _close(self, connection: Connection, code: int, reason: str, quiet: bool) -> None:
+        self.closed.append((code, reason))
+        connection.transition(Transition.CLOSE)
+
+
+class ChannelPair:
+    """alpha and beta's runtime units (ChannelNode) over real aioquic connections carried in memory;
+    ``reconnect()`` replaces the connection, losing whatever it had not carried yet."""
+
+    def __init__(self, directory: Path, *, alpha_features: int = wire.FEATURES, beta_features: int = wire.FEATURES,
+                 **limits: int) -> None:
+        self.directory = directory
+        self.alpha = ChannelNode("alpha", "beta", **limits)
+        self.beta = ChannelNode("beta", "alpha", **limits)
+        self._features = alpha_features, beta_features  # what each one's Hello advertises
+        self.connections = 0
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        self.quic = QuicPair(self.directory)
+        self.quic.exchange()
+        self.connections += 1
+        self.alpha.attach(self.quic.client, self.beta.ctx.epoch, dialed=True, conn_id=self.connections,
+                          features=self._features[1])
+        self.beta.attach(self.quic.server, self.alpha.ctx.epoch, dialed=False, conn_id=self.connections,
+                         features=self._features[0])
+
+    async def carry(self, *, acks: bool = True, rounds: int = 20) -> None:
+        """Let tasks run and carry packets both ways until quiet (``acks`` False: the nodes' pending Acks stay
+        unsent, as if the connection broke before they went out)."""
+        for _ in range(rounds):
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if acks:
+                self.alpha.before_flush()
+                self.beta.before_flush()
+            to_alpha, to_beta = self.quic.exchange()
+            if not self.alpha.handle(to_alpha) + self.beta.handle(to_beta):
+                if acks and (self.alpha.connection and self.alpha.connection.pending_acks
+                             or self.beta.connection and self.beta.connection.pending_acks):
+                    continue
+                return

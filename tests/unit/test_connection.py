@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshkit import QuicPair, RecordingQuic, ready_connection
+from meshkit import QuicPair, RecordingQuic, quic_datagram_payload, ready_connection
 
 from quicmesh.protocol import wire
 from quicmesh.runtime.connection import (
@@ -38,7 +38,7 @@ QUIC = RecordingQuic()  # transitions never touch the QUIC connection: one serve
 
 
 def new_connection(quic: RecordingQuic = QUIC) -> Connection:
-    return Connection(Link(conn_id=7, quic=quic, dialed=True))
+    return Connection(Link(conn_id=7, quic=quic, dialed=True), quic_datagram_payload(quic))
 
 
 def test_table_matches_the_documented_moves_for_every_pair() -> None:
@@ -100,15 +100,15 @@ def test_send_control_writes_frames_on_the_control_stream_only_while_the_link_li
     assert quic.stream_writes == []  # no control stream yet
     ready = ready_connection(quic, "beta", epoch=1)
     ready.send_control(wire.Ack((1, 2)))
-    assert quic.stream_writes == [(ready.control_stream, wire.encode_frame(wire.Ack((1, 2))), False)]
+    assert quic.stream_writes[1:] == [(ready.control_stream, wire.encode_frame(wire.Ack((1, 2))), False)]
     ready.link.terminated = True
     ready.send_control(wire.Ack((3,)))
-    assert len(quic.stream_writes) == 1
+    assert len(quic.stream_writes) == 2
 
 
 def test_a_real_mutual_tls_handshake_walks_the_table(tmp_path: Path) -> None:
     pair = QuicPair(tmp_path)
-    connection = Connection(Link(conn_id=1, quic=pair.client, dialed=True))
+    connection = Connection(Link(conn_id=1, quic=pair.client, dialed=True), quic_datagram_payload(pair.client))
     assert connection.quic is pair.client and connection.conn_id == 1
     client_events, _ = pair.exchange()
     assert any(type(event).__name__ == "HandshakeCompleted" for event in client_events)
