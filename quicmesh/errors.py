@@ -98,6 +98,15 @@ class NodeClosedError(QuicmeshError):
     """The node is stopped (or stopping) and cannot take this call."""
 
 
+# --- durable storage (quicmesh/durable) ---------------------------------------------------------
+class StorageError(QuicmeshError):
+    """The durable-message database cannot be opened, read or written; the message names the file."""
+
+
+class OutboxFullError(StorageError):
+    """A durable send over the outbox limits ([storage] max_messages / max_bytes, per peer or in total)."""
+
+
 __all__ = [
     "QuicmeshError",
     "IdentityError",
@@ -118,4 +127,6 @@ __all__ = [
     "RequestTimeoutError",
     "RemoteError",
     "NodeClosedError",
+    "StorageError",
+    "OutboxFullError",
 ]

@@ -23,6 +23,7 @@ from quicmesh.config.model import (
     PeerConfig,
     SecuritySection,
     ServiceConfig,
+    StorageSection,
     Timers,
     TlsSection,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "MetricsSection",
     "HealthSection",
     "ServiceConfig",
+    "StorageSection",
     "ForwardConfig",
     "Config",
     "MAX_SOCKET_PATH_BYTES",

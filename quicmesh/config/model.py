@@ -133,6 +133,19 @@ class HealthSection:
 
 
 @dataclass(frozen=True)
+class StorageSection:
+    """Durable messages (quicmesh/durable, docs/DURABLE.md): off unless ``path`` is set."""
+
+    path: Path | None = None  # the SQLite database (WAL mode); None: no durable messages
+    sync: str = "normal"  # "normal": survives a crash of the process; "full": also a power loss (fsync per commit)
+    max_messages: int = 1_000_000  # pending in the outbox, all peers (also: received, not yet acknowledged)
+    max_bytes: int = 1 << 30
+    max_peer_messages: int = 100_000  # pending in the outbox for one peer
+    max_peer_bytes: int = 256 << 20
+    ttl: float | None = None  # seconds a durable message may wait before it expires; None: never
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
 
@@ -163,6 +176,7 @@ class Config:
     log: LogSection
     security: SecuritySection = SecuritySection()
     metrics: MetricsSection = MetricsSection()
+    storage: StorageSection = StorageSection()
     health: HealthSection = HealthSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()

@@ -35,6 +35,7 @@ from quicmesh.config.model import (
     PeerConfig,
     SecuritySection,
     ServiceConfig,
+    StorageSection,
     Timers,
     TlsSection,
 )
@@ -340,6 +341,25 @@ def _min_peers(value: Any, _: Parser) -> MinPeers:
 
 _HEALTH = Table(HealthSection, (Field("min_peers", _min_peers),))
 
+MAX_TTL = 365 * 86_400.0  # a durable message's time to live: up to a year
+
+
+def _ttl(value: Any, _: Parser) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TTL:
+        raise ValueError(f"must be a number of seconds, > 0 and <= {MAX_TTL:g} (a year), got {show(value)}")
+    return float(value)
+
+
+_STORAGE = Table(StorageSection, (
+    Field("path", _path),
+    Field("sync", _choice("normal", "full")),
+    Field("max_messages", _integer(1, 1 << 40)),
+    Field("max_bytes", _integer(1, 1 << 50)),
+    Field("max_peer_messages", _integer(1, 1 << 40)),
+    Field("max_peer_bytes", _integer(1, 1 << 50)),
+    Field("ttl", _ttl),
+))
+
 
 def _peer_names(value: Any, parser: Parser) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
@@ -374,7 +394,7 @@ _FORWARD = Table(ForwardConfig, (
 SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
-    "health": _HEALTH,
+    "health": _HEALTH, "storage": _STORAGE,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")

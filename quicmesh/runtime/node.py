@@ -21,12 +21,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 
 from quicmesh.config import Config
+from quicmesh.durable.feature import DurableMessages
 from quicmesh.errors import (
     ConfigError,
     NodeClosedError,
     PeerNotConnectedError,
     QuicmeshError,
     RequestTimeoutError,
+    StorageError,
     UnknownPeerError,
 )
 from quicmesh.protocol import wire
@@ -64,6 +66,11 @@ class Node:
         #: the extension seam: features (UDP forwarding, ...) plug in here
         self.features = FeatureHost(ctx, self._datagrams, self._messages, self._connections.requests, self._inbox)
         self._connections.features = self.features
+        self._durable: DurableMessages | None = None  # [storage] path: durable messages (quicmesh/durable)
+        if config.storage.path is not None:
+            self._durable = DurableMessages(self.features, config.storage, config.limits.message_window,
+                                            lambda: self._inbox.handler)
+            self.features.add(self._durable)
         self._endpoint: Endpoint | None = None
         self.listen_address: tuple[str, int] | None = None
 
@@ -162,6 +169,12 @@ class Node:
         endpoint.guard = Guard(await guard_settings(ctx.config), ctx.now())
         listen = ctx.config.node.listen
         self.listen_address = endpoint.open(listen.host, listen.port)
+        if self._durable is not None:
+            try:
+                await self._durable.open()  # an unusable database: StorageError naming it, the node does not start
+            except BaseException:
+                endpoint.close()
+                raise
         connections.endpoint = self._endpoint = endpoint
         ctx.touch = _toucher(endpoint)
         ctx.state = "running"
@@ -206,6 +219,8 @@ class Node:
         connections.by_id.clear()
         self._inbox.close()
         self._events.close()
+        if self._durable is not None:
+            await self._durable.close()
         log.info("node %s stopped (%s)", self.name, reason)
 
     # --- datagrams ------------------------------------------------------------------------------
@@ -225,8 +240,12 @@ class Node:
         return sent
 
     # --- reliable messages and requests -----------------------------------------------------------
-    async def send(self, peer: str, data: bytes) -> None:
-        """Send a reliable message; returns once the peer's node has accepted it for its application."""
+    async def send(self, peer: str, data: bytes, *, durable: bool = False, ttl: float | None = None) -> None:
+        """Send a reliable message; returns once the peer's node has accepted it for its application.
+        ``durable=True`` (needs [storage]): returns once committed to this node's outbox (docs/DURABLE.md)."""
+        if durable or ttl is not None:
+            await self._send_durable(peer, data, durable, ttl)
+            return
         await self._messages.send(peer, data)
 
     async def broadcast(self, data: bytes) -> dict[str, Exception | None]:
@@ -372,6 +391,18 @@ class Node:
         actions = connections.mesh.set_peers(new_peers, ctx.now())
         connections.apply([*actions, *connections.recheck()])
         log.info("node %s reloaded: %d peers", self.name, len(ctx.peers))
+
+    # --- durable messages (quicmesh/durable) ---------------------------------------------------------
+    async def _send_durable(self, peer: str, data: bytes, durable: bool, ttl: float | None) -> None:
+        if not durable:
+            raise ValueError("ttl is for durable messages: send(peer, data, durable=True, ttl=...)")
+        if self._durable is None:
+            raise StorageError(f"node {self.name} has no [storage] path: durable messages are off")
+        target = self._ctx.peer_or_raise(peer)
+        self._ctx.check_running()
+        self._messages.check_size(target, data)
+        await self._durable.send(peer, data, ttl)
+    # --- end of durable messages -----------------------------------------------------------------------
 
 
 def _toucher(endpoint: Endpoint):  # noqa: ANN202 - a closure over the endpoint, for Context.touch
