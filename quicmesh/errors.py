@@ -107,6 +107,25 @@ class OutboxFullError(StorageError):
     """A durable send over the outbox limits ([storage] max_messages / max_bytes, per peer or in total)."""
 
 
+# --- subjects (quicmesh/pubsub) ----------------------------------------------------------------
+class InvalidSubjectError(QuicmeshError):
+    """A subject, subject pattern or queue group name breaks the NATS syntax rules (docs/PUBSUB.md)."""
+
+
+class NoRespondersError(QuicmeshError):
+    """No subscriber anywhere in the mesh (that this node can reach) takes requests on this subject."""
+
+
+class PublishError(QuicmeshError):
+    """A reliable publish that some subscribing nodes did not accept (the others did). ``failures`` maps
+    each of those nodes to its error; ``delivered`` counts the nodes that accepted it."""
+
+    def __init__(self, message: str, failures: dict[str, Exception], delivered: int) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.delivered = delivered
+
+
 __all__ = [
     "QuicmeshError",
     "IdentityError",
@@ -127,6 +146,9 @@ __all__ = [
     "RequestTimeoutError",
     "RemoteError",
     "NodeClosedError",
+    "InvalidSubjectError",
+    "NoRespondersError",
+    "PublishError",
     "StorageError",
     "OutboxFullError",
 ]

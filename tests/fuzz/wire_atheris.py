@@ -12,12 +12,13 @@ import atheris
 
 with atheris.instrument_imports():
     from quicmesh.protocol import wire
+    from quicmesh.pubsub import frames as pubsub_frames
     from quicmesh.errors import ProtocolError
 
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 6)
+    target = fdp.ConsumeIntInRange(0, 9)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -29,6 +30,9 @@ def one_input(data: bytes) -> None:
             wire.read_stream_type(payload, bidirectional=end)
         elif target == 6:
             wire.decode_datagram_batch(payload)
+        elif target >= 7:  # pub/sub: PUBLISH datagram, feature message and request bodies (Interest: target 2)
+            (pubsub_frames.decode_publish_datagram, pubsub_frames.decode_publish_message,
+             pubsub_frames.decode_subject_request)[target - 7](payload)
         elif target == 2:
             decoder = wire.ControlDecoder()
             for chunk in chunks:

@@ -22,6 +22,10 @@ MAX_FLOW_ID = 0x3FFF
 FORWARD_HEADER_MAX = 4
 MAX_SERVICE_NAME_BYTES = 63  # a service name is a DNS label
 MAX_SERVICES = 512  # entries in one Services frame (always under the frame limit: 512 * 66 B < 64 KiB)
+#: Pub/sub (quicmesh/pubsub): subjects and patterns are UTF-8 of 1..256 bytes, queue group names 0..64
+#: (0: no group); an Interest frame holds as many entries as fit the control frame limit.
+MAX_SUBJECT_BYTES = 256
+MAX_QUEUE_GROUP_BYTES = 64
 
 
 class ErrorCode(IntEnum):
@@ -49,6 +53,7 @@ class DatagramKind(IntEnum):
     FORWARD = 0x01  # forwarding node -> exposing node: to service ``service_id`` (the exposing node's id)
     FORWARD_REPLY = 0x02  # exposing node -> forwarding node: the service's reply on flow ``flow_id``
     BATCH = 0x03  # several of the above in one QUIC DATAGRAM frame, each behind its length
+    PUBLISH = 0x04  # pub/sub: a subject's message for the receiver's subscribers (quicmesh/pubsub)
 
 
 class Feature(IntFlag):
@@ -95,6 +100,16 @@ class FrameType(IntEnum):
     REJECT = 0x03
     GOAWAY = 0x04
     SERVICES = 0x05
+    INTEREST = 0x06  # pub/sub: which subject patterns the sender's subscribers want
+
+
+class InterestOp(IntEnum):
+    """What an Interest frame does with its entries."""
+
+    ADD = 0
+    REMOVE = 1
+    RESET = 2  # replaces everything the sender told before (its entries are the first of the new set)
+    RESYNC = 3  # no entries: "send me a RESET" (the receiver dropped a frame of ours)
 
 
 # --- varints (RFC 9000 §16) -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The control stream: Hello, Ack, Reject, GoAway and Services frames, their encoder and the decoder."""
+"""The control stream: Hello, Ack, Reject, GoAway, Services and Interest frames, their encoder and the decoder."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from typing import ClassVar, Union
 from quicmesh.errors import ProtocolError
 from quicmesh.protocol.wire.common import (
     MAX_CONTROL_FRAME_PAYLOAD,
+    MAX_QUEUE_GROUP_BYTES,
     MAX_REASON_BYTES,
     MAX_SERVICE_ID,
     MAX_SERVICE_NAME_BYTES,
     MAX_SERVICES,
+    MAX_SUBJECT_BYTES,
     MAX_VARINT,
     ErrorCode,
     FrameType,
+    InterestOp,
     _Reader,
     decode_varint,
     encode_varint,
@@ -184,9 +187,61 @@ class Services:
         return cls(tuple(entries))
 
 
-Frame = Union[Hello, Ack, Reject, GoAway, Services]
-_FRAME_CLASSES: dict[int, type[Hello] | type[Ack] | type[Reject] | type[GoAway] | type[Services]] = {
-    cls.frame_type: cls for cls in (Hello, Ack, Reject, GoAway, Services)
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """Pub/sub interest (quicmesh/pubsub): the subject patterns the sender's subscribers want, as
+    ``(pattern, queue_group)`` entries (group "" for plain subscribers). ``op`` is an InterestOp; ``seq``
+    grows with every Interest frame of the sender's process, so the receiver can ignore a stale one.
+
+    The decoder checks only sizes and UTF-8 (pattern 1..MAX_SUBJECT_BYTES, group 0..MAX_QUEUE_GROUP_BYTES):
+    pattern syntax and permissions are the receiving feature's to refuse, entry by entry.
+    """
+
+    op: int
+    seq: int
+    entries: tuple[tuple[str, str], ...] = ()
+
+    frame_type: ClassVar[FrameType] = FrameType.INTEREST
+
+    def _payload(self) -> bytes:
+        parts = [encode_varint(self.op), encode_varint(self.seq), encode_varint(len(self.entries))]
+        for pattern, group in self.entries:
+            raw_pattern, raw_group = pattern.encode("utf-8"), group.encode("utf-8")
+            if not 0 < len(raw_pattern) <= MAX_SUBJECT_BYTES or len(raw_group) > MAX_QUEUE_GROUP_BYTES:
+                raise ValueError(f"bad Interest entry {(pattern, group)!r}")
+            parts += [encode_varint(len(raw_pattern)), raw_pattern, encode_varint(len(raw_group)), raw_group]
+        return b"".join(parts)
+
+    @classmethod
+    def _parse(cls, reader: _Reader) -> Interest:
+        op, seq, count = reader.varint(), reader.varint(), reader.varint()
+        if op > max(InterestOp):
+            raise ProtocolError(f"unknown Interest op {op}", code=ErrorCode.PROTOCOL_VIOLATION)
+        if count * 3 > reader.remaining():  # every entry takes at least 3 bytes
+            raise ProtocolError(f"Interest claims {count} entries", code=ErrorCode.PROTOCOL_VIOLATION)
+        entries = []
+        for _ in range(count):
+            pattern = _utf8(reader, 1, MAX_SUBJECT_BYTES, "Interest pattern")
+            entries.append((pattern, _utf8(reader, 0, MAX_QUEUE_GROUP_BYTES, "Interest queue group")))
+        return cls(op, seq, tuple(entries))
+
+
+def _utf8(reader: _Reader, low: int, high: int, what: str) -> str:
+    """A length-prefixed UTF-8 string of ``low..high`` bytes."""
+    length = reader.varint()
+    if not low <= length <= high or length > reader.remaining():
+        raise ProtocolError(f"{what} of {length} bytes", code=ErrorCode.PROTOCOL_VIOLATION)
+    raw = reader.buf[reader.pos : reader.pos + length]
+    reader.pos += length
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8", code=ErrorCode.PROTOCOL_VIOLATION) from None
+
+
+Frame = Union[Hello, Ack, Reject, GoAway, Services, Interest]
+_FRAME_CLASSES: dict[int, type[Hello] | type[Ack] | type[Reject] | type[GoAway] | type[Services] | type[Interest]] = {
+    cls.frame_type: cls for cls in (Hello, Ack, Reject, GoAway, Services, Interest)
 }
 
 
