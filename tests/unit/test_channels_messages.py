@@ -187,8 +187,7 @@ async def test_feature_handlers_accept_refuse_or_accept_later(mesh_dir: Path) ->
     release.set()
     await pair.carry()
     await asyncio.wait_for(later, 5)
-    assert got == [b"now", b"later", b"bad"] and pair.beta.inbox._items == deque_empty()
-    assert pair.beta.peer.counters.messages_in == 2
+    assert got == [b"now", b"later", b"bad"] and not pair.beta.inbox._items  # never the application's
 
 
 async def test_a_feature_message_resent_while_its_handler_runs_is_not_handled_twice(mesh_dir: Path) -> None:
@@ -215,11 +214,6 @@ async def test_feature_messages_to_a_peer_without_feature_streams_fail(mesh_dir:
     with pytest.raises(PeerError, match="without feature messages"):
         await asyncio.wait_for(pair.alpha.messages.send("beta", b"x", TAG), 5)
     assert pair.alpha.peer.unacked == {}
-
-
-def deque_empty() -> object:
-    from collections import deque
-    return deque()
 
 
 # --- exactly once to the application, whatever happens to the connection ------------------------------
