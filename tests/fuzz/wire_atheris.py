@@ -18,7 +18,7 @@ with atheris.instrument_imports():
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 9)
+    target = fdp.ConsumeIntInRange(0, 11)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -30,6 +30,10 @@ def one_input(data: bytes) -> None:
             wire.read_stream_type(payload, bidirectional=end)
         elif target == 6:
             wire.decode_datagram_batch(payload)
+        elif target >= 10:  # FEATURE_MESSAGE / FEATURE_REQUEST stream bodies
+            decoder = (wire.FeatureMessageDecoder, wire.FeatureRequestDecoder)[target - 10](4096)
+            decoder.feed(chunks[0], False)
+            decoder.feed(chunks[1], end)
         elif target >= 7:  # pub/sub: PUBLISH datagram, feature message and request bodies (Interest: target 2)
             (pubsub_frames.decode_publish_datagram, pubsub_frames.decode_publish_message,
              pubsub_frames.decode_subject_request)[target - 7](payload)
