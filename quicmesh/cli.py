@@ -1,55 +1,60 @@
-"""The `quicmesh` command: a thin argparse layer over daemon, control, status and demo.
+"""The `quicmesh` command: a thin argparse layer over daemon, control, status, doctor and demo.
 
 Every user mistake ends as one `quicmesh: error: ...` line on stderr and a non-zero exit status; a
 traceback means a bug. Client commands import neither aioquic nor the node, so a health check that
-runs every few seconds stays cheap.
+runs every few seconds stays cheap. The client commands live in quicmesh.commands.talk, completion and
+the man page in quicmesh.commands.manual.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import importlib
 import json
 import os
-import stat
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quicmesh import __version__
-from quicmesh.errors import ConfigError, IdentityError, QuicmeshError
-from quicmesh.ops.control import (CLIENT_LINE_LIMIT, REPLY_TIMEOUT, SOCKET_ENV, ControlClient, NodeUnreachableError,
-                                  fetch_status, socket_path)
+from quicmesh.commands import talk
+from quicmesh.commands.common import (EXIT_BAD_USAGE, EXIT_FAILED, EXIT_OK, WHERE_HELP, config_path, count, error,
+                                      load, node_socket, seconds)
+from quicmesh.errors import ConfigError, QuicmeshError
+from quicmesh.ops.control import NodeUnreachableError, fetch_status
+from quicmesh.ops.health import ALL_PEERS, MinPeers, Verdict, parse_min_peers
 from quicmesh.ops.logs import FORMATS, LEVELS
-from quicmesh.ops.status import (EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, EXIT_USAGE, exit_code, problem_summary,
-                                 render)
-from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
+from quicmesh.ops.status import exit_code, problem_summary, render, status_rule
+from quicmesh.protocol.dates import CERT_WARNING_DAYS
 
-if TYPE_CHECKING:
-    from quicmesh.config import Config
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 STATUS_POLL = 0.2       # seconds between two polls of `status --wait`
-SEND_WINDOW = 64        # `send --lines`: messages awaiting their acknowledgement at once
 
 STATUS_EPILOG = f"""\
-exit status:
-  {EXIT_HEALTHY}  healthy: every configured peer is connected (also with no peers)
-  {EXIT_UNREACHABLE}  unreachable: no node answers on the control socket
-  {EXIT_DEGRADED}  degraded: the node runs, but some configured peer is not connected
-  {EXIT_USAGE}  bad usage, or the config file is unusable
+exit status (the monitoring-plugin convention of Nagios, Icinga, Sensu):
+  {Verdict.OK:d} OK        every configured peer is connected (also with no peers)
+  {Verdict.WARNING:d} WARNING   some peer is not connected, but at least --min-peers are
+  {Verdict.CRITICAL:d} CRITICAL  fewer than --min-peers are connected, or no node answers on the control socket
+  {Verdict.UNKNOWN:d} UNKNOWN   bad usage, or the config file is unusable
 
-As a container health check:  quicmesh status --check   (with ${SOCKET_ENV} or -c set)
+--min-peers N or P% (of the configured peers); default: the node's [health] min_peers (every peer).
+Readiness check: quicmesh status --check.  Liveness check (the daemon answers): quicmesh status --check
+--min-peers 0, then exit 0 or 1 means alive.
+{WHERE_HELP}
 """
 
 COMMON_EPILOG = f"""\
 exit status: {EXIT_OK} success, {EXIT_FAILED} failure (unreachable node, peer error, timeout),
 {EXIT_BAD_USAGE} bad usage or invalid config.
-The control socket is --socket, else ${SOCKET_ENV}, else control.socket of the -c config.
+{WHERE_HELP}
+"""
+
+DOCTOR_EPILOG = f"""\
+Checks, in order: the config, the files it names (readable, key 0600), this node's certificate against the
+clock and the CA, then for each peer (or only PEER): DNS, its UDP port, a QUIC handshake with this node's
+credentials, and the identity it proves. Prints the first problem and how to fix it.
+exit status: {EXIT_OK} all good, {EXIT_FAILED} a problem was found, {EXIT_BAD_USAGE} bad usage.
 """
 
 
@@ -57,25 +62,17 @@ class _Parser(argparse.ArgumentParser):
     """Reports usage errors as one line and exits with the command's usage status."""
 
     usage_exit = EXIT_BAD_USAGE
+    failure_exit = EXIT_FAILED  # any other error the command reports
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(self.usage_exit, f"quicmesh: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _seconds(text: str) -> float:
+def _min_peers(text: str) -> MinPeers:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"seconds must be between 0 and 86400, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+        return parse_min_peers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 #: Modules whose ``add_commands(command, target)`` adds a feature's subcommands (one line per feature).
@@ -93,56 +90,52 @@ def build_parser() -> _Parser:
         sub.set_defaults(run=run, parser=sub)
         return sub
 
-    def target(sub: _Parser) -> None:
+    def target(sub: _Parser, *, short_config: bool = True) -> None:
         where = sub.add_mutually_exclusive_group()
-        where.add_argument("-c", "--config", metavar="node.toml", help="the node's config (for control.socket)")
+        flags = ("-c", "--config") if short_config else ("--config",)
+        where.add_argument(*flags, metavar="node.toml", help="the node's config (for control.socket)")
         where.add_argument("--socket", metavar="PATH", help="the node's control socket")
 
+    def config_flag(sub: _Parser) -> None:
+        sub.add_argument("-c", "--config", metavar="node.toml",
+                         help="the node's config (default $QUICMESH_CONFIG, else /etc/quicmesh/node.toml)")
+
     run = command("run", "run a node (the daemon) until SIGTERM; SIGHUP reloads the config", _cmd_run)
-    run.add_argument("-c", "--config", metavar="node.toml", required=True)
+    config_flag(run)
     run.add_argument("--log-level", choices=LEVELS, help="overrides [log] level")
     run.add_argument("--log-format", choices=FORMATS, help="overrides [log] format")
 
     check = command("check-config", "validate a config and its certificates; print the resolved config",
                     _cmd_check_config)
-    check.add_argument("-c", "--config", metavar="node.toml", required=True)
-    check.add_argument("--json", action="store_true", help="print a JSON report instead")
+    config_flag(check)
+    quietness = check.add_mutually_exclusive_group()
+    quietness.add_argument("--json", action="store_true", help="print a JSON report instead")
+    quietness.add_argument("--quiet", action="store_true",
+                           help="print nothing when valid (errors and warnings still go to stderr)")
 
     status = command("status", "show a running node's peers; exit status says whether it is healthy",
                      _cmd_status, STATUS_EPILOG)
-    status.usage_exit = EXIT_USAGE
+    status.usage_exit = status.failure_exit = Verdict.UNKNOWN
     target(status)
     status.add_argument("--json", action="store_true", help="print the status document (schema 1) as JSON")
     status.add_argument("--check", action="store_true",
-                        help="print nothing when healthy, one line on stderr otherwise (for health checks)")
-    status.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
-                        help="poll until healthy, for at most this long")
+                        help="print nothing when OK, one line on stderr otherwise (for health checks)")
+    status.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
+                        help="poll until --min-peers are connected, for at most this long")
+    status.add_argument("--min-peers", type=_min_peers, metavar="N|P%",
+                        help="connected peers needed for WARNING instead of CRITICAL (default: [health] min_peers)")
 
-    send = command("send", "send a message (or a datagram) to a peer", _cmd_send)
-    target(send)
-    send.add_argument("peer")
-    send.add_argument("data", metavar="DATA", help="the payload, or - to read standard input")
-    send.add_argument("--datagram", action="store_true", help="unreliable datagram instead of a message")
-    send.add_argument("--lines", action="store_true", help="send each line of DATA (or stdin) separately")
-    send.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                      help="how long to wait for each acknowledgement (default 10)")
+    talk.add_commands(command, target, COMMON_EPILOG)
 
-    request = command("request", "send a request to a peer and print its reply", _cmd_request)
-    target(request)
-    request.add_argument("peer")
-    request.add_argument("data", metavar="DATA", help="the request body, or - to read standard input")
-    request.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="default 5")
-
-    listen = command("listen", "print the datagrams and messages a node receives", _cmd_listen,
-                     COMMON_EPILOG + "With --count, exit 1 if the timeout comes first.\n")
-    target(listen)
-    listen.add_argument("--json", action="store_true", help='JSON lines: {"peer", "kind", "data" (base64)}')
-    listen.add_argument("--count", type=_count, metavar="N", help="exit after N items")
-    listen.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="exit after this long")
-    listen.add_argument("--kind", choices=("datagram", "message"), help="only this kind")
+    doctor = command("doctor", "find why this node or a peer does not connect: the first problem and its fix",
+                     _cmd_doctor, DOCTOR_EPILOG)
+    config_flag(doctor)
+    doctor.add_argument("peer", nargs="?", help="check only this peer (default: every configured peer)")
+    doctor.add_argument("--timeout", type=seconds, default=3.0, metavar="SECONDS",
+                        help="how long a handshake may take (default 3)")
 
     demo = command("demo", "start a throwaway 3-node mesh on 127.0.0.1 and show it working", _cmd_demo)
-    demo.add_argument("--nodes", type=_count, default=3, metavar="N", help="how many nodes (2-8, default 3)")
+    demo.add_argument("--nodes", type=count, default=3, metavar="N", help="how many nodes (2-8, default 3)")
     demo.add_argument("--keep", action="store_true", help="leave the nodes running and say how to use them")
 
     from quicmesh.bench import cli as bench_cli  # argparse only: the bench processes import aioquic themselves
@@ -150,6 +143,13 @@ def build_parser() -> _Parser:
     bench = command("bench", "measure datagram, message, request and bulk rates, loss and latency on loopback",
                     _cmd_bench, bench_cli.EPILOG)
     bench_cli.add_arguments(bench)
+
+    completion = command("completion", "print a shell completion script (bash, zsh or fish)", _cmd_completion,
+                         "bash: source <(quicmesh completion bash)\nzsh:  quicmesh completion zsh > "
+                         "\"${fpath[1]}/_quicmesh\"\nfish: quicmesh completion fish > "
+                         "~/.config/fish/completions/quicmesh.fish\n")
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
+    command("man", "print the quicmesh(1) manual page (roff): quicmesh man | man -l -", _cmd_man, "")
 
     # Each feature's commands live with the feature: its module's add_commands(command, target) adds them
     # (argparse only at import: a client command must not load aioquic or cryptography).
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as exc:
         for line in config_error_lines(exc):
-            _error(line)
+            error(line)
         return args.parser.usage_exit
     except KeyboardInterrupt:
         return 130
@@ -175,73 +175,29 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except (QuicmeshError, OSError, ValueError) as exc:
-        _error(str(exc))
-        return EXIT_FAILED
-
-
-def _error(message: str) -> None:
-    print(f"quicmesh: error: {message}", file=sys.stderr, flush=True)
+        error(str(exc))
+        return args.parser.failure_exit
 
 
 def config_error_lines(exc: ConfigError) -> list[str]:
-    return [f"{exc.source}: {error}" if exc.source else error for error in exc.errors]
+    return [f"{exc.source}: {line}" if exc.source else line for line in exc.errors]
 
 
-# --- run, check-config ----------------------------------------------------------------------------
+# --- run, check-config, doctor ----------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quicmesh.config import load_config
-
-    config = load_config(args.config)
+    path = config_path(args.config)
+    config = load(path)
     from quicmesh.ops.daemon import run  # the node (and aioquic) only for the commands that need them
 
-    return run(args.config, config, log_level=args.log_level, log_format=args.log_format)
-
-
-def check_credentials(config: Config) -> tuple[dict[str, Any], list[str]]:
-    """Load cert, key, CA and CRL as the node would, and check the cert is this node's in this mesh.
-
-    Returns facts about the certificate and every problem found (as ``key: message`` lines).
-    """
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    from quicmesh.protocol import identity
-
-    errors: list[str] = []
-    facts: dict[str, Any] = {}
-
-    def attempt(key: str, load: Any) -> Any:
-        try:
-            return load()
-        except (QuicmeshError, OSError, ValueError) as exc:
-            errors.append(f"{key}: {exc}")
-            return None
-
-    chain = attempt("tls.cert", lambda: identity.load_certificates(config.tls.cert))
-    key = attempt("tls.key", lambda: identity.load_private_key(config.tls.key))
-    trust = attempt("tls.ca", lambda: identity.TrustPolicy.from_files(
-        config.tls.ca, config.node.mesh, crl_path=config.tls.crl, denylist=config.tls.denylist))
-    if chain:
-        cert = chain[0]
-        facts = {"fingerprint": identity.fingerprint(cert),
-                 "cert_not_after": cert.not_valid_after_utc.isoformat(),
-                 "cert_days_left": days_left(cert.not_valid_after_utc)}
-        if key is not None:
-            spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-            if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-                errors.append(f"tls.key: {config.tls.key} is not the key of the certificate {config.tls.cert}")
-        if trust is not None:
-            try:
-                trust.verify(chain, expect_node=config.node.name)
-            except IdentityError as exc:
-                errors.append(f"tls.cert: {config.tls.cert}: {exc}")
-    return facts, errors
+    return run(path, config, log_level=args.log_level, log_format=args.log_format)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from quicmesh.config import load_config, render_config
+    from quicmesh.config import render_config
+    from quicmesh.ops.doctor import check_credentials
 
     try:
-        config = load_config(args.config)
+        config = load(args.config)
         facts, errors = check_credentials(config)
     except ConfigError as exc:
         config, facts, errors = None, {}, config_error_lines(exc)
@@ -253,52 +209,56 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_BAD_USAGE if errors else EXIT_OK
     if errors:
         for line in errors:
-            _error(line)
+            error(line)
         return EXIT_BAD_USAGE
     assert config is not None
-    print(render_config(config))
     days = facts["cert_days_left"]
-    peers = ", ".join(p.name for p in config.peers) or "none"
-    print(f"OK: node {config.node.name} in mesh {config.node.mesh}; cert {facts['fingerprint']} valid until "
-          f"{facts['cert_not_after'][:10]} ({days:.0f} days left); peers: {peers}")
+    if not args.quiet:
+        print(render_config(config))
+        peers = ", ".join(p.name for p in config.peers) or "none"
+        print(f"OK: node {config.node.name} in mesh {config.node.mesh}; cert {facts['fingerprint']} valid until "
+              f"{facts['cert_not_after'][:10]} ({days:.0f} days left); peers: {peers}")
     if days < CERT_WARNING_DAYS:
         print(f"WARNING: the certificate expires in {days:.0f} days: issue a new one soon", file=sys.stderr)
     return EXIT_OK
 
 
-# --- client commands ------------------------------------------------------------------------------
-def _socket(args: argparse.Namespace) -> Path:
-    if not (args.socket or args.config or os.environ.get(SOCKET_ENV)):
-        args.parser.error(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
-    if not args.config:
-        return socket_path(explicit=args.socket)
-    from quicmesh.config import load_config  # only with -c: a socket path alone needs no config
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from quicmesh.ops.doctor import run_doctor  # aioquic and cryptography: only this command needs them
 
-    return socket_path(load_config(args.config), explicit=args.socket)
+    return run_doctor(config_path(args.config), args.peer, timeout=args.timeout)
 
 
-async def wait_status(path: Path, wait: float) -> tuple[dict[str, Any] | None, NodeUnreachableError | None]:
-    """Poll until the node is healthy or ``wait`` seconds passed: the last status (None if unreachable)."""
+# --- status -----------------------------------------------------------------------------------------
+async def wait_status(path: Path, wait: float, rule: MinPeers | None = None, fallback: MinPeers = ALL_PEERS,
+                      ) -> tuple[dict[str, Any] | None, NodeUnreachableError | None]:
+    """Poll until the node meets its min-peers rule or ``wait`` seconds passed: the last status (None if
+    unreachable). ``rule``: --min-peers; else the node's own; ``fallback`` for a node that reports none."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            status, error = await fetch_status(path), None
+            status, problem = await fetch_status(path), None
         except NodeUnreachableError as exc:
-            status, error = None, exc
+            status, problem = None, exc
         left = deadline - time.monotonic()
-        if exit_code(status) == EXIT_HEALTHY or left <= 0:
-            return status, error
+        judged = rule or (status_rule(status, fallback) if status is not None else fallback)
+        if exit_code(status, judged) <= Verdict.WARNING or left <= 0:
+            return status, problem
         await asyncio.sleep(min(STATUS_POLL, left))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    status, error = asyncio.run(wait_status(_socket(args), args.wait))
-    code = exit_code(status)
+    path, config = node_socket(args)
+    fallback = config.health.min_peers if config is not None else ALL_PEERS
+    status, problem = asyncio.run(wait_status(path, args.wait, args.min_peers, fallback))
     if status is None:
-        _error(str(error))
-    elif args.check:
-        if code != EXIT_HEALTHY:
-            print(f"quicmesh: degraded: {problem_summary(status)}", file=sys.stderr)
+        error(str(problem))
+        return Verdict.CRITICAL
+    rule = args.min_peers or status_rule(status, fallback)
+    code = exit_code(status, rule)
+    if args.check:
+        if code != Verdict.OK:
+            print(f"quicmesh: {code.name}: {problem_summary(status, rule)}", file=sys.stderr)
     elif args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -306,159 +266,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def _payload(data: str) -> bytes:
-    return sys.stdin.buffer.read() if data == "-" else os.fsencode(data)
-
-
-async def _stdin_lines() -> AsyncIterator[bytes]:
-    """Lines of stdin as they come, so `tail -f log | quicmesh send --lines PEER -` streams; a pipe is read
-    without blocking the event loop (and without a thread that could keep the process alive)."""
-    if stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):  # a file never blocks
-        for line in sys.stdin.buffer:
-            yield line.removesuffix(b"\n").removesuffix(b"\r")
-        return
-    reader = asyncio.StreamReader(limit=CLIENT_LINE_LIMIT)
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-    try:
-        while line := await reader.readline():
-            yield line.removesuffix(b"\n").removesuffix(b"\r")
-    finally:
-        transport.close()
-
-
-async def _given_lines(data: str) -> AsyncIterator[bytes]:
-    for line in os.fsencode(data).splitlines():
-        yield line
-
-
-def _cmd_send(args: argparse.Namespace) -> int:
-    path = _socket(args)
-    if args.lines:
-        return asyncio.run(_send_lines(path, args))
-    data = _payload(args.data)
-
-    async def send() -> None:
-        async with await ControlClient.connect(path) as client:
-            await _acked(client.send(args.peer, data, datagram=args.datagram), args)
-
-    asyncio.run(send())
-    return EXIT_OK
-
-
-async def _acked(sending: Any, args: argparse.Namespace) -> None:
-    try:
-        await asyncio.wait_for(sending, args.timeout)
-    except TimeoutError:
-        raise QuicmeshError(f"{args.peer} did not acknowledge within {args.timeout:g}s (the node keeps "
-                            "trying to deliver the message while it runs)") from None
-
-
-async def _send_lines(path: Path, args: argparse.Namespace) -> int:
-    """Each line is its own message; up to SEND_WINDOW await their acknowledgement at once."""
-    kind = "datagram" if args.datagram else "message"
-    window = asyncio.Semaphore(SEND_WINDOW)
-    tasks: set[asyncio.Task[None]] = set()
-    done = 0
-    failure: str | None = None
-    started = time.monotonic()
-
-    number = 0
-
-    async def send_one(client: ControlClient, line_number: int, line: bytes) -> None:
-        nonlocal done, failure
-        try:
-            await _acked(client.send(args.peer, line, datagram=args.datagram), args)
-            done += 1
-        except QuicmeshError as exc:
-            failure = failure or f"line {line_number}: {exc}"
-            feeding.cancel()  # stop reading: stdin may stay open for a long time
-        finally:
-            window.release()
-
-    async def feed(client: ControlClient) -> None:
-        nonlocal number
-        async for line in _stdin_lines() if args.data == "-" else _given_lines(args.data):
-            await window.acquire()
-            number += 1
-            task = asyncio.create_task(send_one(client, number, line))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async with await ControlClient.connect(path) as client:
-        feeding = asyncio.create_task(feed(client))
-        await asyncio.wait([feeding])  # ends when stdin does, or at the first failure
-        await asyncio.gather(*tasks)
-        if not feeding.cancelled() and feeding.exception() is not None:
-            raise feeding.exception()
-    if failure:
-        _error(f"{failure}; {done} of {number} {kind}s {'sent' if args.datagram else 'acknowledged'}")
-        return EXIT_FAILED
-    what = "all acknowledged" if not args.datagram else "datagrams are not acknowledged"
-    print(f"quicmesh: sent {done} {kind}s to {args.peer} in {time.monotonic() - started:.2f}s ({what})",
-          file=sys.stderr)
-    return EXIT_OK
-
-
-def _cmd_request(args: argparse.Namespace) -> int:
-    path, data = _socket(args), _payload(args.data)
-
-    async def request() -> bytes:
-        async with await ControlClient.connect(path) as client:
-            asking = client.request(args.peer, data, timeout=args.timeout)
-            try:
-                return await asyncio.wait_for(asking, args.timeout + REPLY_TIMEOUT)
-            except TimeoutError:
-                raise NodeUnreachableError(f"the node at {path} did not answer") from None
-
-    reply = asyncio.run(request())
-    if sys.stdout.isatty() and not reply.endswith(b"\n"):
-        reply += b"\n"
-    sys.stdout.buffer.write(reply)
-    sys.stdout.flush()
-    return EXIT_OK
-
-
-def show_data(data: bytes) -> str:
-    """Text if it is printable UTF-8, else ``hex:`` and the bytes in hex."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "hex:" + data.hex()
-    return text if text.isprintable() else "hex:" + data.hex()
-
-
-def _cmd_listen(args: argparse.Namespace) -> int:
-    return asyncio.run(_listen(_socket(args), args))
-
-
-async def _listen(path: Path, args: argparse.Namespace) -> int:
-    kinds = [args.kind] if args.kind else ["datagram", "message"]
-    count = 0
-    async with await ControlClient.connect(path) as client:
-        node = await client.listen(kinds)
-        print(f"quicmesh: listening on {node} for {' and '.join(k + 's' for k in kinds)} (Ctrl-C to stop)",
-              file=sys.stderr, flush=True)
-        try:
-            async with asyncio.timeout(args.timeout):
-                async for event in client.events():
-                    if event.get("event") == "dropped":
-                        print(f"quicmesh: warning: {event.get('count')} items dropped: this listener "
-                              "reads too slowly", file=sys.stderr, flush=True)
-                    elif event.get("event") == "received":
-                        if args.json:
-                            line = json.dumps({k: event.get(k) for k in ("peer", "kind", "data")})
-                        else:
-                            line = f"{event['peer']} {event['kind']} {show_data(base64.b64decode(event['data']))}"
-                        print(line, flush=True)
-                        count += 1
-                        if count == args.count:
-                            return EXIT_OK
-        except TimeoutError:
-            pass
-    return EXIT_FAILED if args.count else EXIT_OK
-
-
+# --- the rest ---------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quicmesh.bench import cli as bench_cli
 
@@ -471,3 +279,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not 2 <= args.nodes <= 8:
         args.parser.error("--nodes must be between 2 and 8")
     return run_demo(nodes=args.nodes, keep=args.keep)
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from quicmesh.commands.manual import completion
+
+    print(completion(build_parser(), args.shell), end="")
+    return EXIT_OK
+
+
+def _cmd_man(args: argparse.Namespace) -> int:
+    from quicmesh.commands.manual import man_page
+
+    print(man_page(build_parser()), end="")
+    return EXIT_OK

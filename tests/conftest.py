@@ -20,8 +20,9 @@ CLI_TIMEOUT = 30.0  # no single command of a test may take longer
 
 
 def quicmesh_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for child processes: no inherited control socket or systemd socket."""
-    env = {k: v for k, v in os.environ.items() if k not in ("QUICMESH_CONTROL_SOCKET", "NOTIFY_SOCKET")}
+    """The environment for child processes: no inherited config, control socket or systemd socket."""
+    inherited = ("QUICMESH_CONTROL_SOCKET", "QUICMESH_SOCKET", "QUICMESH_CONFIG", "NOTIFY_SOCKET")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(extra or {})
     return env
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, PeerNotConnectedError,
                              QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
+from quicmesh.ops.health import ALL_PEERS, MinPeers
 from quicmesh.ops.logs import fields
 from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
 from quicmesh.ops.status import build_status
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "QUICMESH_CONTROL_SOCKET"  # overrides control.socket (containers mount the config read-only)
+SOCKET_ENVS = ("QUICMESH_SOCKET", SOCKET_ENV)  # both names work; the first one set wins
 MAX_PIPELINED = 128                      # requests of one client in progress at once; more wait their turn
 EVENT_QUEUE_LINES = 4096                 # event lines buffered per client before new ones are dropped...
 EVENT_QUEUE_BYTES = 16 * 1024 * 1024     # ...or this many bytes (one line is always accepted)
@@ -43,6 +45,7 @@ SERVE_TIMEOUT = 30.0                     # how long a serving client may take to
 CLIENT_LINE_LIMIT = 64 * 1024 * 1024     # longest line a client accepts (a base64 max_message_size body)
 REPLY_TIMEOUT = 5.0                      # a daemon silent this long (beyond the op's own timeout) is unreachable
 EVENT_KINDS = ("datagram", "message", "peer")
+MAX_PING_TIMEOUT = 60.0                  # seconds one `ping` op may wait for the peer's ACK
 
 
 class ControlError(QuicmeshError):
@@ -67,12 +70,19 @@ _REMOTE_TYPES: dict[str, type[QuicmeshError]] = {cls.__name__: cls for cls in (
     RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError)}
 
 
+def socket_from_environment() -> tuple[str, str] | None:
+    """(variable, path) of the first of $QUICMESH_SOCKET, $QUICMESH_CONTROL_SOCKET that is set, if any."""
+    return next(((name, os.environ[name]) for name in SOCKET_ENVS if os.environ.get(name)), None)
+
+
 def socket_path(config: Config | None = None, explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Which control socket to use: ``explicit`` (--socket), else $QUICMESH_CONTROL_SOCKET, else
-    ``config.control.socket``."""
-    chosen = explicit or os.environ.get(SOCKET_ENV) or (config.control.socket if config is not None else None)
+    """Which control socket to use: ``explicit`` (--socket), else $QUICMESH_SOCKET, else
+    $QUICMESH_CONTROL_SOCKET, else ``config.control.socket``."""
+    environment = socket_from_environment()
+    chosen = explicit or (environment[1] if environment else None) or (
+        config.control.socket if config is not None else None)
     if not chosen:
-        raise ControlError(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENV})")
+        raise ControlError(f"which node? give -c node.toml or --socket PATH (or set {SOCKET_ENVS[0]})")
     path = Path(chosen)
     if not socket_path_fits(path):
         raise ControlError(f"control socket path {path} is {len(os.fsencode(path))} bytes long, more than "
@@ -104,6 +114,7 @@ class ControlServer:
         self._clients: set[_Client] = set()
         self._responders: list[_Client] = []  # clients that answer requests; the newest answers
         self._request_ids = itertools.count(1)
+        self.min_peers: MinPeers = ALL_PEERS  # the node's [health] rule, reported in the status (set on reload)
         self.events_dropped = 0   # event lines dropped because a client did not read them in time
         self.unclaimed = 0        # received datagrams/messages no client was listening for
 
@@ -165,7 +176,7 @@ class ControlServer:
                 "received_unclaimed": self.unclaimed}
 
     def status(self) -> dict[str, Any]:
-        return build_status(self.node, started=self.started, control=self.stats())
+        return build_status(self.node, started=self.started, control=self.stats(), min_peers=self.min_peers)
 
     # --- what the node hands us ---
     def publish_received(self, peer: str, kind: str, data: bytes) -> None:
@@ -377,6 +388,17 @@ async def _op_request(client: _Client, request: dict[str, Any]) -> dict[str, Any
     return {"data": b64encode(reply)}
 
 
+async def _op_ping(client: _Client, request: dict[str, Any]) -> dict[str, Any]:
+    """One round trip to a peer through its connection; ``path`` says which way it went."""
+    timeout = request.get("timeout", 5.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_PING_TIMEOUT:
+        raise BadRequestError(f"'timeout' must be a number of seconds in (0, {MAX_PING_TIMEOUT:g}]")
+    peer, node = _text(request, "peer"), client.server.node
+    rtt = await node.ping(peer, timeout=timeout)
+    status = next((p.to_dict() for p in node.peers() if p.name == peer), {})
+    return {"rtt": rtt, "path": status.get("path") or "direct"}
+
+
 async def _op_listen(client: _Client, request: dict[str, Any]) -> dict[str, Any]:
     kinds = request.get("kinds", list(EVENT_KINDS))
     if not isinstance(kinds, list) or not kinds or not set(kinds) <= set(EVENT_KINDS):
@@ -407,7 +429,7 @@ async def _op_reply(client: _Client, request: dict[str, Any]) -> dict[str, Any]:
 
 ControlOp = Callable[["_Client", dict[str, Any]], Awaitable[dict[str, Any]]]
 _OPS: dict[str, ControlOp] = {
-    "status": _op_status, "send": _op_send, "request": _op_request,
+    "status": _op_status, "send": _op_send, "request": _op_request, "ping": _op_ping,
     "listen": _op_listen, "serve": _op_serve, "reply": _op_reply,
 }
 
@@ -495,6 +517,11 @@ class ControlClient:
     async def request(self, peer: str, data: bytes, *, timeout: float = 5.0) -> bytes:
         reply = await self.call("request", peer=peer, data=b64encode(data), timeout=timeout)
         return base64.b64decode(reply["data"])
+
+    async def ping(self, peer: str, *, timeout: float = 5.0) -> tuple[float, str]:
+        """(round-trip seconds, path) of one QUIC PING to ``peer``; RequestTimeoutError when lost."""
+        reply = await self.call("ping", peer=peer, timeout=timeout)
+        return float(reply["rtt"]), str(reply.get("path") or "direct")
 
     async def listen(self, kinds: list[str] | tuple[str, ...] = EVENT_KINDS) -> str:
         """Subscribe to events of these kinds (see ``events()``); returns the node's name."""

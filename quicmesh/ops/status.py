@@ -1,7 +1,7 @@
 """Node status: the JSON document the control socket serves, its health verdict, and its table.
 
 The daemon builds the document (``build_status``); clients only read it, so `quicmesh status`,
-health checks and scripts all judge health by the same rule (``exit_code``).
+health checks and scripts all judge health by the same rule (``exit_code``, on quicmesh.ops.health).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from quicmesh import __version__
+from quicmesh.ops.health import ALL_PEERS, MinPeers, Verdict, parse_min_peers, verdict
 from quicmesh.protocol.addresses import format_address
 from quicmesh.protocol.dates import CERT_WARNING_DAYS, days_left
 
@@ -20,15 +21,11 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 
-# Exit codes of `quicmesh status`, in the Nagios tradition (3 = "could not even ask").
-EXIT_HEALTHY = 0      # every configured peer is connected
-EXIT_UNREACHABLE = 1  # no daemon answers on the control socket
-EXIT_DEGRADED = 2     # the daemon runs, but some configured peer is not connected
-EXIT_USAGE = 3        # bad arguments or an unusable config file
 
-
-def build_status(node: NodeView, *, started: float, control: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The status document (schema 1) of a running ``Node``; raw numbers, JSON-ready."""
+def build_status(node: NodeView, *, started: float, control: dict[str, Any] | None = None,
+                 min_peers: MinPeers = ALL_PEERS) -> dict[str, Any]:
+    """The status document (schema 1) of a running ``Node``; raw numbers, JSON-ready. ``min_peers``: the
+    node's [health] rule, so that a client without the config judges as the node does."""
     now = time.time()
     peers = [peer.to_dict() for peer in node.peers()]
     connected = sum(1 for peer in peers if peer.get("state") == "connected")
@@ -42,6 +39,8 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
         "peers_connected": connected,
         "peers_total": len(peers),
         "healthy": connected == len(peers),
+        "min_peers": str(min_peers),  # additive to schema 1, like peers_required
+        "peers_required": min_peers.required(len(peers)),
         "peers": peers,
         "time": now,
         "uptime": now - started,
@@ -65,11 +64,21 @@ def _expiry(which: str, not_after: datetime, now: float) -> dict[str, Any]:
             f"{which}_days_left": days_left(not_after, datetime.fromtimestamp(now, timezone.utc))}
 
 
-def exit_code(status: dict[str, Any] | None) -> int:
-    """The `quicmesh status` exit code for a status document (None: the daemon did not answer)."""
+def status_rule(status: dict[str, Any], fallback: MinPeers = ALL_PEERS) -> MinPeers:
+    """The min-peers rule the node reports in its status (an older node reports none: ``fallback``)."""
+    try:
+        return parse_min_peers(status["min_peers"])
+    except (KeyError, ValueError):
+        return fallback
+
+
+def exit_code(status: dict[str, Any] | None, rule: MinPeers | None = None) -> Verdict:
+    """The `quicmesh status` exit code for a status document: OK, WARNING or CRITICAL by ``rule`` (default:
+    the node's own); CRITICAL when the daemon did not answer (``None``), as a service check reports a
+    refused connection. UNKNOWN (bad usage, unusable config) is the CLI's to give."""
     if status is None:
-        return EXIT_UNREACHABLE
-    return EXIT_HEALTHY if status["peers_connected"] >= status["peers_total"] else EXIT_DEGRADED
+        return Verdict.CRITICAL
+    return verdict(status["peers_connected"], status["peers_total"], rule or status_rule(status))
 
 
 # --- human formatting ---------------------------------------------------------------------------
@@ -89,9 +98,9 @@ def format_duration(seconds: float) -> str:
 def format_rtt(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    if seconds < 0.001:
+    if seconds < 0.0009995:  # what would round to 1000us shows as 1.0ms
         return f"{seconds * 1e6:.0f}us"
-    if seconds < 1:
+    if seconds < 0.99995:
         return f"{seconds * 1e3:.1f}ms"
     return f"{seconds:.2f}s"
 
@@ -186,6 +195,8 @@ def render(status: dict[str, Any]) -> str:
     """The human status: a header line, then one aligned line per peer."""
     now = status.get("time") or time.time()
     lines = [header(status)]
+    # "warnings" (additive to schema 1, from the daemon): a stale CRL, certificates near their expiry
+    lines += [f"WARNING: {warning.get('message')}" for warning in status.get("warnings") or ()]
     if status["peers"]:
         lines += _table([COLUMNS] + [peer_row(peer, now) for peer in status["peers"]])
     else:
@@ -241,9 +252,11 @@ def render_forwarding(forwarding: dict[str, Any]) -> list[str]:
     return lines
 
 
-def problem_summary(status: dict[str, Any]) -> str:
+def problem_summary(status: dict[str, Any], rule: MinPeers | None = None) -> str:
     """One line saying which peers are down and why (for `--check` and the demo)."""
     down = [f"{p.get('name')} ({p.get('state')}" + (f": {_problem(p)})" if _problem(p) != "-" else ")")
             for p in status["peers"] if p.get("state") != "connected"]
-    head = f"{status['node']}: {status['peers_connected']}/{status['peers_total']} peers connected"
+    rule = rule or status_rule(status)
+    head = (f"{status['node']}: {status['peers_connected']}/{status['peers_total']} peers connected "
+            f"(required {rule.required(status['peers_total'])}, min_peers {rule})")
     return head + (f"; not connected: {', '.join(down)}" if down else "")

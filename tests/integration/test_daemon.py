@@ -170,7 +170,7 @@ def test_sigterm_stops_cleanly_and_peers_notice(cli, running_mesh: RunningMesh) 
     check = cli("status", "--check", "--socket", running_mesh.socket("alpha"))
     assert check.returncode == 2 and check.stdout == "" and "gamma" in check.stderr
     assert poll(lambda: "peer disconnected" in running_mesh.log("alpha"))
-    assert cli("status", "--socket", running_mesh.socket("gamma")).returncode == 1
+    assert cli("status", "--socket", running_mesh.socket("gamma")).returncode == 2  # CRITICAL: no answer
 
 
 def test_sighup_after_revoke_drops_only_the_revoked_node(cli, running_mesh: RunningMesh, mesh_dir: Path) -> None:

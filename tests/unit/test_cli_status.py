@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from quicmesh.ops.status import (EXIT_DEGRADED, EXIT_HEALTHY, EXIT_UNREACHABLE, exit_code, format_bytes, format_cert,
-                             format_duration, format_rtt, problem_summary, render)
+from quicmesh.ops.health import Verdict, parse_min_peers
+from quicmesh.ops.status import (exit_code, format_bytes, format_cert, format_duration, format_rtt, problem_summary,
+                                 render, status_rule)
 
 NOW = time.time()
 
@@ -43,16 +44,29 @@ def test_table() -> None:
 
 def test_no_peers_is_healthy() -> None:
     status = document()
-    assert exit_code(status) == EXIT_HEALTHY
+    assert exit_code(status) == Verdict.OK
     assert render(status).splitlines()[1] == "no peers configured"
 
 
 def test_exit_codes_and_summary() -> None:
-    assert exit_code(None) == EXIT_UNREACHABLE
-    assert exit_code(document(BETA)) == EXIT_HEALTHY
-    assert exit_code(document(BETA, GAMMA)) == EXIT_DEGRADED
+    assert exit_code(None) == Verdict.CRITICAL == 2  # no node answers: the service is down
+    assert exit_code(document(BETA)) == Verdict.OK == 0
+    assert exit_code(document(BETA, GAMMA)) == Verdict.CRITICAL  # default: every configured peer is needed
+    assert exit_code(document(BETA, GAMMA), parse_min_peers("1")) == Verdict.WARNING == 1
+    assert exit_code(document(BETA, GAMMA), parse_min_peers("50%")) == Verdict.WARNING
+    assert exit_code(document(GAMMA), parse_min_peers("1")) == Verdict.CRITICAL
     assert problem_summary(document(BETA, GAMMA)) == (
-        "alpha: 1/2 peers connected; not connected: gamma (backoff: handshake timed out, retry in 1.6s)")
+        "alpha: 1/2 peers connected (required 2, min_peers 100%); "
+        "not connected: gamma (backoff: handshake timed out, retry in 1.6s)")
+
+
+def test_the_nodes_own_rule_is_used_unless_one_is_given() -> None:
+    reported = {**document(BETA, GAMMA), "min_peers": "1"}
+    assert status_rule(reported) == parse_min_peers(1)
+    assert exit_code(reported) == Verdict.WARNING
+    assert exit_code(reported, parse_min_peers("2")) == Verdict.CRITICAL
+    assert status_rule(document(BETA), parse_min_peers("3")) == parse_min_peers(3)  # an older node: the fallback
+    assert status_rule({**document(BETA), "min_peers": "bogus"}) == parse_min_peers("100%")
 
 
 @pytest.mark.parametrize("days, text", [
@@ -66,6 +80,7 @@ def test_cert_lifetime(days: float, text: str) -> None:
 
 
 def test_units() -> None:
-    assert [format_rtt(x) for x in (None, 0.0004, 0.0123, 1.5)] == ["-", "400us", "12.3ms", "1.50s"]
+    assert [format_rtt(x) for x in (None, 0.0004, 0.0009996, 0.0123, 0.99996, 1.5)] == [
+        "-", "400us", "1.0ms", "12.3ms", "1.00s", "1.50s"]
     assert [format_bytes(x) for x in (0, 1023, 3500, 5 * 2**30)] == ["0 B", "1023 B", "3.4 KiB", "5.0 GiB"]
     assert [format_duration(x) for x in (0.4, 12, 300, 7300, 4 * 86400)] == ["0.4s", "12s", "5m", "2h1m", "4d"]
