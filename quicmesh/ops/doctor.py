@@ -313,7 +313,7 @@ def _identity_problem(error: Exception, leaf: x509.Certificate, peer: PeerConfig
 
     label = certificate_label(leaf)
     if isinstance(error, IdentityMismatchError):
-        return Problem(f"the node at {peer.address} is not {peer.name}: it presented {label} ({error})",
+        return Problem(f"the node at {peer.address} is not {peer.name}: {error}",
                        f"{entry}.address points at another node: set it to {peer.name}'s address")
     if isinstance(error, PinMismatchError):
         return Problem(f"{peer.name}'s certificate does not match the pinned fingerprint: {error}",
