@@ -146,6 +146,19 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class RelaySection:
+    """Relaying through a third node when a direct path fails (quicmesh/relay, docs/RELAY.md). On by default:
+    a relay sees only the end nodes' encrypted QUIC packets, and the budgets bound what it spends."""
+
+    serve: bool = True  # relay circuits for other nodes
+    use: bool = True  # reach a peer through a relay when the direct path to it fails
+    allow: tuple[str, ...] | None = None  # peers that may relay through this node; None (left out): every peer
+    max_circuits: int = 64  # circuits through this node at once
+    max_circuits_per_peer: int = 8  # circuits one peer may have through this node
+    max_bytes_per_second: float = 10_000_000.0  # relayed bytes per second from one peer (over it: dropped, counted)
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
 
@@ -178,6 +191,7 @@ class Config:
     metrics: MetricsSection = MetricsSection()
     storage: StorageSection = StorageSection()
     health: HealthSection = HealthSection()
+    relay: RelaySection = RelaySection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key

@@ -33,6 +33,7 @@ from quicmesh.config.model import (
     MetricsSection,
     NodeSection,
     PeerConfig,
+    RelaySection,
     SecuritySection,
     ServiceConfig,
     StorageSection,
@@ -379,6 +380,20 @@ def _peer_names(value: Any, parser: Parser) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _bytes_per_second(value: Any, _: Parser) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e12:
+        raise ValueError(f"must be a number of bytes per second between 0 (no limit) and 1e12, got {show(value)}")
+    return float(value)
+
+
+_RELAY = Table(RelaySection, (
+    Field("serve", _boolean),
+    Field("use", _boolean),
+    Field("allow", _peer_names),
+    Field("max_circuits", _integer(0, 100_000)),
+    Field("max_circuits_per_peer", _integer(0, 100_000)),
+    Field("max_bytes_per_second", _bytes_per_second),
+))
 _SERVICE = Table(ServiceConfig, (
     Field("name", _name("service"), required=True),
     Field("target", _address(), required=True),
@@ -394,7 +409,7 @@ _FORWARD = Table(ForwardConfig, (
 SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
-    "health": _HEALTH, "storage": _STORAGE,
+    "health": _HEALTH, "storage": _STORAGE, "relay": _RELAY,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")

@@ -88,8 +88,11 @@ class Connection:
     """quicmesh's state for one QUIC connection: identity, control stream, streams in progress, and the
     per-connection parts of the channels (pending acks and early messages; requests out and served)."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, datagram_payload: int) -> None:
         self.link = link
+        #: the largest datagram payload we take and send on it (its packet size less the overhead): from the
+        #: config for a direct connection, smaller for a relayed one (its packets ride in the relay's)
+        self.datagram_payload = datagram_payload
         self.state = ConnectionState.HANDSHAKING
         self.peer: str | None = None  # verified identity (node name), from VERIFIED on
         self.fingerprint: str | None = None
@@ -131,6 +134,12 @@ class Connection:
     @property
     def conn_id(self) -> int:
         return self.link.conn_id
+
+    @property
+    def relay(self) -> str | None:
+        """The relay node this connection goes through (None: direct)."""
+        path = self.link.path
+        return path.relay if path is not None else None
 
     @property
     def usable(self) -> bool:

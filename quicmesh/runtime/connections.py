@@ -24,7 +24,7 @@ from quicmesh.protocol.addresses import format_address
 from quicmesh.runtime.connection import REASON_LIMIT, Connection, ConnectionState, Transition
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
-from quicmesh.runtime.datagrams import DatagramChannel
+from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD, DatagramChannel
 from quicmesh.runtime.events import PeerEvents
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.messages import MessageChannel
@@ -32,10 +32,13 @@ from quicmesh.runtime.peer_manager import Close, Dial, PeerDown, PeerManager, Pe
 from quicmesh.runtime.requests import RequestChannel, Superseded
 from quicmesh.runtime.streams import StreamReader
 from quicmesh.transport._aioquic import MeshQuicConnection
-from quicmesh.transport.endpoint import Endpoint, Link
+from quicmesh.transport.endpoint import Endpoint, Link, RelayPath
 
 log = logging.getLogger("quicmesh.node")
 
+#: The QUIC packet size of a relayed connection: the smallest QUIC allows, so that its packets (plus the relay
+#: header) fit in the DATAGRAM frames of outer connections of 1,240 bytes and more (docs/RELAY.md).
+RELAYED_PACKET_SIZE = 1200
 #: Mesh timer deadlines are rounded up to this (seconds), so N peers' keepalives cost fewer, batched ticks.
 _MESH_TICK_SLOT = 0.05
 
@@ -70,15 +73,32 @@ class Connections:
         return self.features
 
     # --- QUIC connections and identity ----------------------------------------------------------
-    def new_server_connection(self, original_destination_cid: bytes,
-                              retry_source_cid: bytes | None = None) -> MeshQuicConnection:
+    def new_server_connection(self, original_destination_cid: bytes, retry_source_cid: bytes | None = None,
+                              path: RelayPath | None = None) -> MeshQuicConnection:
+        """An accepted connection; through a relay circuit (``path``) it must be the circuit's expected peer."""
         assert self.credentials is not None
+        expect = path.expected_peer if path is not None else None
         return MeshQuicConnection(
-            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=False),
+            configuration=self.credentials.quic_configuration(
+                self._ctx.config, is_client=False, packet_size=RELAYED_PACKET_SIZE if path is not None else None),
             original_destination_connection_id=original_destination_cid,
             retry_source_connection_id=retry_source_cid,
-            verify_peer=lambda chain: self._verify(chain, None),
+            verify_peer=lambda chain: self._verify(chain, expect),
         )
+
+    def dial_relayed(self, peer_name: str, path: RelayPath) -> None:
+        """Dial ``peer_name`` through a relay circuit; verified like a direct dial, kept or dropped by the
+        peer manager like any other connection (a direct one wins over it)."""
+        assert self.endpoint is not None and self.credentials is not None
+        quic = MeshQuicConnection(
+            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=True,
+                                                              packet_size=RELAYED_PACKET_SIZE),
+            verify_peer=lambda chain: self._verify(chain, peer_name),
+        )
+        link = self.endpoint.new_relayed_client_link(quic, path)
+        self.by_id[link.conn_id] = Connection(link, RELAYED_PACKET_SIZE - DATAGRAM_PACKET_OVERHEAD)
+        self.mesh.inbound_started(link.conn_id, self._ctx.now())  # whose it is counts once it is ready
+        self._reschedule()
 
     def _verify(self, chain: Any, expect: str | None) -> tuple[str, str]:
         peers = {name: peer.config for name, peer in self._ctx.peers.items()}
@@ -97,7 +117,8 @@ class Connections:
                 self._verify(connection.chain, connection.peer)
             except IdentityError as error:
                 reason = f"rejected after reload: {error}"
-                log.warning("peer %s no longer accepted after reload: %s", connection.peer, error)
+                log.warning("peer no longer accepted after reload", extra={
+                    "event": "peer_rejected", "peer": connection.peer, "reason": str(error)})
                 self.close(connection, wire.ErrorCode.IDENTITY_REJECTED, reason)
                 actions += self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now(), rejected=True)
         return actions
@@ -177,7 +198,7 @@ class Connections:
             verify_peer=lambda chain: self._verify(chain, peer_name),
         )
         link = self.endpoint.new_client_link(quic)
-        connection = Connection(link)
+        connection = Connection(link, self._datagrams.max_payload)
         self.by_id[link.conn_id] = connection
         self.mesh.dial_started(peer_name, link.conn_id, self._ctx.now())
         address = peer.config.address
@@ -220,7 +241,11 @@ class Connections:
             peer.connected_since = time.time()
         self._messages.resend(peer, connection)
         address = connection.quic.get_peer_address() or connection.link.address
-        log.info("peer %s connected from %s (%s)", peer_name, format_address(address), connection.fingerprint)
+        rtt = connection.quic.smoothed_rtt()
+        log.info("peer connected" if not was_up else "peer connection replaced", extra={
+            "event": "peer_connected" if not was_up else "peer_connection_replaced", "peer": peer_name,
+            "address": format_address(address), "fingerprint": connection.fingerprint,
+            "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None})
         if connection.hello is not None:
             self._feature_host.peer_ready(peer_name, connection.hello.epoch)
         if not was_up:
@@ -236,13 +261,14 @@ class Connections:
         self._datagrams.drop_queued(peer)
         if old is not None:
             self.requests.fail(old, PeerNotConnectedError(f"connection to {peer_name} lost: {reason}"))
-        log.warning("peer %s disconnected: %s", peer_name, reason)
+        log.warning("peer disconnected", extra={"event": "peer_disconnected", "peer": peer_name, "reason": reason})
         self._feature_host.peer_lost(peer_name, reason)
         self._events.publish(peer_name, "disconnected", reason)
 
     # --- LinkHandler: what the endpoint tells us -------------------------------------------------
     def link_accepted(self, link: Link) -> None:
-        connection = self.by_id[link.conn_id] = Connection(link)
+        payload = self._datagrams.max_payload if link.path is None else RELAYED_PACKET_SIZE - DATAGRAM_PACKET_OVERHEAD
+        connection = self.by_id[link.conn_id] = Connection(link, payload)
         if not self._ctx.running:
             self.close(connection, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
             return
@@ -268,7 +294,8 @@ class Connections:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
         except ProtocolError as error:
-            log.warning("protocol violation by %s: %s", connection.peer or "unverified peer", error)
+            log.warning("protocol violation", extra={
+                "event": "protocol_violation", "peer": connection.peer, "reason": str(error)})
             self.close(connection, error.code, f"protocol violation: {error}")
 
     def link_terminated(self, link: Link, event: events.ConnectionTerminated) -> None:
@@ -282,7 +309,9 @@ class Connections:
             address = format_address(link.address)
             self.rejections.append((time.time(), address, reason))
             self.rejection_count += 1
-            log.warning("handshake %s %s failed: %s", "to" if link.dialed else "from", address, reason)
+            log.warning("handshake rejected", extra={
+                "event": "handshake_rejected", "direction": "outbound" if link.dialed else "inbound",
+                "address": address, "reason": reason})
         superseded = connection.close_code == wire.ErrorCode.DUPLICATE_CONNECTION or (
             event.frame_type is None and event.error_code == wire.ErrorCode.DUPLICATE_CONNECTION
         )
@@ -341,7 +370,7 @@ class Connections:
             version=wire.PROTOCOL_VERSION,
             epoch=self._ctx.epoch,
             max_message_size=self._ctx.config.limits.max_message_size,
-            max_datagram_payload=self._datagrams.max_payload,
+            max_datagram_payload=connection.datagram_payload,
             features=wire.FEATURES,
         )
         quic.send_stream_data(
@@ -380,7 +409,7 @@ class Connections:
         connection.transition(Transition.HELLO)
         self.apply(self.mesh.connection_ready(
             connection.peer, connection.conn_id, dialed_by_us=connection.link.dialed, peer_epoch=hello.epoch,
-            now=self._ctx.now(),
+            now=self._ctx.now(), relayed=connection.link.path is not None,
         ))
         self._messages.connection_ready(connection)
 
@@ -395,8 +424,9 @@ class Connections:
         connection.close_reason = reason
         connection.close_code = code
         if not quiet:
-            log.info("closing connection %s %s: %s", connection.peer or "(unverified)",
-                     format_address(connection.link.address), reason)
+            log.info("closing connection", extra={
+                "event": "connection_closing", "peer": connection.peer,
+                "address": format_address(connection.link.address), "reason": reason})
         if connection.link.address is None:
             # A dial still resolving its peer's name has sent nothing and has no path to send a close
             # on: forget it (the resolver sees it closing and does not connect it).

@@ -39,13 +39,14 @@ class Credentials:
     def fingerprint(self) -> str:
         return identity.fingerprint(self.chain[0])
 
-    def quic_configuration(self, config: Config, *, is_client: bool) -> QuicConfiguration:
-        limits = config.limits
+    def quic_configuration(self, config: Config, *, is_client: bool, packet_size: int | None = None) -> QuicConfiguration:
+        """``packet_size``: the QUIC packet size, when not the config's (a relayed connection's is smaller)."""
+        size = packet_size or config.limits.max_datagram_size
         configuration = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[wire.ALPN],
-            max_datagram_frame_size=limits.max_datagram_size,
-            max_datagram_size=limits.max_datagram_size,
+            max_datagram_frame_size=size,
+            max_datagram_size=size,
             idle_timeout=max(30.0, config.timers.dead_after * 4),
             verify_mode=ssl.CERT_REQUIRED,
             cadata=self.ca_pem,  # the mesh CA only: never the system roots

@@ -44,8 +44,8 @@ class DatagramChannel:
         return self._ctx.config.limits.max_datagram_size - DATAGRAM_PACKET_OVERHEAD
 
     def limit(self, connection: Connection) -> int:
-        """The largest payload ``connection``'s peer takes: the smaller of ours and its Hello's."""
-        own = self.max_payload
+        """The largest payload that goes on ``connection``: the smaller of its own and its peer's Hello's."""
+        own = connection.datagram_payload
         hello = connection.hello
         return min(own, hello.max_datagram_payload) if hello is not None else own
 
@@ -59,15 +59,14 @@ class DatagramChannel:
         if connection is None or not connection.usable:
             raise PeerNotConnectedError(f"peer {peer} is not connected")
         size = len(data)
-        limits = ctx.config.limits
-        limit = limits.max_datagram_size - DATAGRAM_PACKET_OVERHEAD
+        limit = connection.datagram_payload
         hello = connection.hello
         if hello is not None and hello.max_datagram_payload < limit:
             limit = hello.max_datagram_payload
         if size > limit:
             raise DatagramTooLargeError(f"datagram of {size} bytes exceeds max_datagram_payload ({limit} bytes)")
         queue = target.datagram_queue
-        if len(queue) >= limits.datagram_queue:
+        if len(queue) >= ctx.config.limits.datagram_queue:
             target.counters.datagrams_dropped_queue_full += 1
             return
         queue.append(wire.app_batch_entry(data))  # to QUIC at the flush, packed with its neighbours

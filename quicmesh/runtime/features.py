@@ -17,12 +17,14 @@ from quicmesh.errors import PeerNotConnectedError, QuicmeshError
 from quicmesh.protocol import wire
 
 if TYPE_CHECKING:
+    from quicmesh.config import Config
+    from quicmesh.runtime.connections import Connections
     from quicmesh.runtime.context import Context
     from quicmesh.runtime.datagrams import DatagramChannel
     from quicmesh.runtime.events import Received
     from quicmesh.runtime.inbox import Inbox
     from quicmesh.runtime.messages import MessageChannel
-    from quicmesh.runtime.requests import RequestChannel
+    from quicmesh.transport.endpoint import RelayPath
 
 F = TypeVar("F")
 
@@ -90,17 +92,19 @@ class FeatureError(QuicmeshError):
 
 
 _RESERVED_KINDS = frozenset({int(wire.DatagramKind.APP), int(wire.DatagramKind.BATCH)})
+_RESERVED_FRAMES = frozenset({wire.Hello, wire.Ack, wire.Reject, wire.GoAway})  # the runtime's own
 
 
 class FeatureHost:
     """What a feature may do with the node; ``node.features`` is the one instance."""
 
     def __init__(self, ctx: Context, datagrams: DatagramChannel, messages: MessageChannel,
-                 requests: RequestChannel, inbox: Inbox) -> None:
+                 connections: Connections, inbox: Inbox) -> None:
         self._ctx = ctx
         self._datagrams = datagrams
         self._messages = messages
-        self._requests = requests
+        self._connections = connections
+        self._requests = connections.requests
         self._inbox = inbox
         self._features: list[Feature] = []
         self._frames: dict[type, Feature] = {}
@@ -110,7 +114,8 @@ class FeatureHost:
         """Plug ``feature`` in; peers already connected are announced to it at once."""
         taken = [f"datagram kind {kind}" for kind in feature.datagram_kinds
                  if kind in self._datagrams.handlers or kind in _RESERVED_KINDS]
-        taken += [f"frame {frame.__name__}" for frame in feature.control_frames if frame in self._frames]
+        taken += [f"frame {frame.__name__}" for frame in feature.control_frames
+                  if frame in self._frames or frame in _RESERVED_FRAMES]
         taken += [f"tag {tag}" for tag in feature.feature_tags if tag in self._messages.feature_handlers or tag <= 0]
         if taken:
             raise FeatureError(f"{type(feature).__name__} cannot have {', '.join(taken)}: already owned or reserved")
@@ -151,6 +156,19 @@ class FeatureHost:
     def node_name(self) -> str:
         return self._ctx.name
 
+    @property
+    def config(self) -> Config:
+        """The node's config as it is now (a reload replaces it)."""
+        return self._ctx.config
+
+    @property
+    def running(self) -> bool:
+        return self._ctx.running
+
+    def spawn(self, coroutine: Awaitable[object]) -> None:
+        """Run a task owned by the node (cancelled when it stops; a failure is logged)."""
+        self._ctx.spawn(coroutine)
+
     def connected_peers(self) -> list[str]:
         return [name for name, peer in self._ctx.peers.items() if peer.usable_connection is not None]
 
@@ -179,16 +197,44 @@ class FeatureHost:
     async def send_message(self, peer: str, tag: int, data: bytes) -> None:
         """A reliable message to ``peer``'s feature ``tag``: returns once that feature accepted it (resent
         across reconnects until then, like the application's messages)."""
+        _check_tag(tag)
         await self._messages.send(peer, data, tag)
 
     async def request(self, peer: str, tag: int, data: bytes, timeout: float = 5.0) -> bytes:
         """A request to ``peer``'s feature ``tag``; its response body (RemoteError, RequestTimeoutError...)."""
+        _check_tag(tag)
         target = self._ctx.peer_or_raise(peer)
         self._ctx.check_running()
         self._messages.check_size(target, data)
         if target.usable_connection is None:
             raise PeerNotConnectedError(f"peer {peer} is not connected")
         return await self._requests.request(target, data, timeout, tag)
+
+    # --- paths: what relaying needs (quicmesh/relay) ------------------------------------------
+    def direct_peers(self) -> dict[str, float | None]:
+        """Peers connected directly (not through a relay), with their smoothed RTT in seconds."""
+        direct = {}
+        for name, peer in self._ctx.peers.items():
+            connection = peer.usable_connection
+            if connection is not None and connection.link.path is None:
+                direct[name] = connection.quic.smoothed_rtt()
+        return direct
+
+    def dial_state(self, peer: str) -> str | None:
+        """The peer manager's state of ``peer`` (idle, connecting, connected, backoff, rejected); None if unknown."""
+        if peer not in self._ctx.peers or not self._ctx.running:
+            return None
+        return self._connections.mesh.view(peer, self._ctx.now()).state.value
+
+    def dial_relayed(self, peer: str, path: RelayPath) -> None:
+        """Dial ``peer`` through a relay circuit (verified end to end exactly like a direct dial)."""
+        self._connections.dial_relayed(peer, path)
+
+    def relayed_packet(self, path: RelayPath, packet: bytes) -> None:
+        """An inner QUIC packet that came through ``path``."""
+        endpoint = self._connections.endpoint
+        if endpoint is not None:
+            endpoint.relayed_packet(path, packet)
 
     def deliver(self, item: Received) -> None:
         """Hand an item to the application (its receive handler, or the inbox read by ``recv()``)."""
@@ -210,6 +256,11 @@ class FeatureHost:
             return False
         feature.control_received(peer, epoch, frame)
         return True
+
+
+def _check_tag(tag: int) -> None:
+    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 < tag <= wire.MAX_VARINT:
+        raise FeatureError(f"feature tag must be a positive integer (a wire.FeatureTag), got {tag!r}")
 
 
 def _bind_tag(handler, tag: int):  # noqa: ANN001, ANN202 - (peer, tag, data) -> (peer, data) for the channels

@@ -77,8 +77,9 @@ class MessageChannel:
         # Cancelling the caller cancels only this wait, not the message: it stays in ``unacked`` (and is
         # resent) until the peer acks it. A plain await: a shield would cost one more loop iteration.
         await future
-        target.counters.messages_out += 1
-        target.counters.bytes_out += len(data)
+        if not tag:  # the counters are the application's; a feature keeps its own
+            target.counters.messages_out += 1
+            target.counters.bytes_out += len(data)
 
     def check_size(self, peer: Peer, data: bytes) -> None:
         """MessageTooLargeError if ``data`` exceeds our max_message_size or the peer's (its Hello says)."""
@@ -212,15 +213,15 @@ class MessageChannel:
             self._refuse(connection, message_id, f"{type(error).__name__}: {error}")
             return
         if not inspect.isawaitable(pending):
-            self._accept_for_feature(connection, peer, message_id, len(body))
+            self._accept_for_feature(connection, peer, message_id)
             return
         # Held like a parked message meanwhile: a resend of it is neither delivered again nor acked early.
         peer.parked_ids.add(message_id)
         epoch = connection.hello.epoch if connection.hello is not None else None
-        self._ctx.spawn(self._feature_done(connection, peer, message_id, len(body), epoch, pending))
+        self._ctx.spawn(self._feature_done(connection, peer, message_id, epoch, pending))
 
-    async def _feature_done(self, connection: Connection, peer: Peer, message_id: int, size: int,
-                            epoch: int | None, pending: Awaitable[object]) -> None:
+    async def _feature_done(self, connection: Connection, peer: Peer, message_id: int, epoch: int | None,
+                            pending: Awaitable[object]) -> None:
         try:
             await pending
         except Exception as error:  # noqa: BLE001 - the feature refused it: the sender hears why
@@ -229,14 +230,14 @@ class MessageChannel:
                 self._refuse(connection, message_id, f"{type(error).__name__}: {error}")
             return
         peer.parked_ids.discard(message_id)
-        if connection.usable and peer.incoming.epoch == epoch:
-            self._accept_for_feature(connection, peer, message_id, size)
-        # else: the connection is gone unacknowledged; the sender resends and the feature sees it again
+        # The ack goes on the connection it came on, or on the one that replaced it to the same sender process;
+        # a restarted sender (another epoch) resends, and the feature sees it again.
+        current = connection if connection.usable else peer.usable_connection
+        if current is not None and current.hello is not None and current.hello.epoch == epoch == peer.incoming.epoch:
+            self._accept_for_feature(current, peer, message_id)
 
-    def _accept_for_feature(self, connection: Connection, peer: Peer, message_id: int, size: int) -> None:
+    def _accept_for_feature(self, connection: Connection, peer: Peer, message_id: int) -> None:
         peer.incoming.record(message_id)
-        peer.counters.messages_in += 1
-        peer.counters.bytes_in += size
         connection.pending_acks.append(message_id)
         self._ctx.touch(connection)
 

@@ -39,6 +39,7 @@ from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
 from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvent, PeerEvents, ReceiveHandler, Received, RequestHandler
+from quicmesh.relay.feature import RelayFeature
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.inbox import Inbox
 from quicmesh.runtime.messages import MessageChannel
@@ -64,8 +65,10 @@ class Node:
         self._messages = MessageChannel(ctx, self._inbox)
         self._connections = Connections(ctx, self._datagrams, self._messages, self._events)
         #: the extension seam: features (UDP forwarding, ...) plug in here
-        self.features = FeatureHost(ctx, self._datagrams, self._messages, self._connections.requests, self._inbox)
+        self.features = FeatureHost(ctx, self._datagrams, self._messages, self._connections, self._inbox)
         self._connections.features = self.features
+        self._relay = RelayFeature(self.features)  # reaching peers through a third node (quicmesh/relay)
+        self.features.add(self._relay)
         self._durable: DurableMessages | None = None  # [storage] path: durable messages (quicmesh/durable)
         if config.storage.path is not None:
             self._durable = DurableMessages(self.features, config.storage, config.limits.message_window,
@@ -181,6 +184,7 @@ class Node:
         log.info("node %s started: mesh %s, listening on %s, fingerprint %s, %d peers", self.name, self.mesh,
                  format_address(self.listen_address), self.fingerprint, len(ctx.peers))
         connections.tick()
+        self._relay.start()
 
     async def stop(self, reason: str = "shutdown") -> None:
         """Tell every peer we are going, close every connection, then the socket."""
@@ -355,6 +359,7 @@ class Node:
                 last_error=view.last_error,
                 next_retry=view.next_retry_in,
                 counters=peer.counters.to_dict(),
+                path=None if connection is None else (f"via {connection.relay}" if connection.relay else "direct"),
             ))
         return statuses
 

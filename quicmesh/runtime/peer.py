@@ -53,6 +53,7 @@ class PeerStatus:
     last_error: str | None
     next_retry: float | None
     counters: dict[str, int]
+    path: str | None = None  # "direct" or "via RELAY" while connected
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

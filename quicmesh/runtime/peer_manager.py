@@ -24,19 +24,26 @@ CONNECTING   handshake_timeout (dial or Dial not started) BACKOFF      Close(NO_
 CONNECTING   dial_failed (the Dial could not start)       BACKOFF      -
 any not up   connection_ready (ours or inbound)           CONNECTED    PeerUp (failures reset to 0)
 CONNECTED    connection_ready, other epoch (restart)      CONNECTED    PeerUp(new), Close(old, DUPLICATE)
+CONNECTED    connection_ready, same epoch, direct new     CONNECTED    PeerUp(new), Close(old, DUPLICATE)
+             and relayed old (direct always beats relayed)
+CONNECTED    connection_ready, same epoch, relayed new    CONNECTED    Close(new, DUPLICATE)
+             and direct old
 CONNECTED    connection_ready, same epoch, new wins       CONNECTED    PeerUp(new), Close(old, DUPLICATE)
 CONNECTED    connection_ready, same epoch, old wins       CONNECTED    Close(new, DUPLICATE)
 CONNECTED    active lost                                  BACKOFF      PeerDown (failure n = 1)
 CONNECTED    active lost, rejected=True                   REJECTED     PeerDown (failure n = 1)
 CONNECTED    no packet for dead_after                     BACKOFF      Close(PEER_UNRESPONSIVE), PeerDown
+CONNECTED    relayed, poll, direct dial due               CONNECTED    Dial (direct dials go on, on backoff)
 CONNECTED    quiet for keepalive (we dialed it), or for   CONNECTED    Ping
              (keepalive + dead_after) / 2 (the peer did),
              rounded up to a quarter keepalive
 any          removed by set_peers                         (forgotten)  Close(NOT_CONFIGURED) [+PeerDown]
 ===========  ===========================================  ===========  ===============================
 
-A lost pending dial while another connection is active is no failure. Duplicates are settled
-identically on both nodes: the connection dialed by the node whose name sorts first wins. Backoff
+A lost pending dial while another connection is active is no failure, unless that one is relayed (the
+direct path is still being probed, with backoff). A relayed connection is one that ``connection_ready``
+reports with ``relayed=True``; the transport starts it with ``inbound_started`` (it belongs to no peer
+until ready). Duplicates are settled identically on both nodes: the connection dialed by the node whose name sorts first wins. Backoff
 after failure n (1-based) waits ``min(backoff_max, backoff_min * 2**(n-1))`` times a jitter factor
 uniform in [0.5, 1.0]; a rejection (failed identity check) waits ``backoff_max`` and is still
 retried, since the other side may fix its config.
@@ -138,6 +145,7 @@ class _Conn:
     peer: str | None  # None while INBOUND
     started: float
     dialed_by_us: bool = False
+    relayed: bool = False  # through a relay circuit: a direct connection replaces it, and is still dialed
     epoch: int = 0
     last_heard: float = 0.0
     last_ping: float = 0.0
@@ -236,7 +244,7 @@ class PeerManager:
             self._conns[conn_id] = _Conn(conn_id, _Role.INBOUND, None, now)
 
     def connection_ready(
-        self, peer: str, conn_id: int, *, dialed_by_us: bool, peer_epoch: int, now: float
+        self, peer: str, conn_id: int, *, dialed_by_us: bool, peer_epoch: int, now: float, relayed: bool = False
     ) -> list[Action]:
         """The peer's identity is verified and its Hello received: make it active or settle a duplicate.
 
@@ -254,9 +262,8 @@ class PeerManager:
         if p is None:
             self._closed.add(conn_id)
             return [Close(conn_id, ErrorCode.NOT_CONFIGURED, f"{peer!r} is not a configured peer")]
-        conn = _Conn(
-            conn_id, _Role.ACTIVE, peer, now, dialed_by_us=dialed_by_us, epoch=peer_epoch, last_heard=now, last_ping=now
-        )
+        conn = _Conn(conn_id, _Role.ACTIVE, peer, now, dialed_by_us=dialed_by_us, relayed=relayed, epoch=peer_epoch,
+                     last_heard=now, last_ping=now)
         if p.active is None:
             self._activate(p, conn, now)
             return [PeerUp(peer, conn_id)]
@@ -265,6 +272,15 @@ class PeerManager:
             self._activate(p, conn, now)
             reason = "replaced by a new connection from restarted peer"
             close = self._close(old.conn_id, ErrorCode.DUPLICATE_CONNECTION, reason)
+            return [PeerUp(peer, conn_id), close]
+        if old.relayed != relayed:  # direct beats relayed, on both nodes alike
+            if relayed:
+                self._closed.add(conn_id)
+                return [Close(conn_id, ErrorCode.DUPLICATE_CONNECTION, "duplicate connection: kept the direct one")]
+            since = p.connected_since
+            self._activate(p, conn, now)
+            p.connected_since = since
+            close = self._close(old.conn_id, ErrorCode.DUPLICATE_CONNECTION, "replaced by a direct connection")
             return [PeerUp(peer, conn_id), close]
         winner = min(self.local_name, peer)
         if self._dialer(conn, peer) == winner and self._dialer(old, peer) != winner:
@@ -289,7 +305,7 @@ class PeerManager:
         p = self._peers[conn.peer]
         if conn.role is _Role.DIALING:
             p.pending = None
-            if p.active is None:
+            if p.active is None or self._conns[p.active].relayed:
                 self._fail(p, reason, now, rejected)
             return []
         p.active = None
@@ -343,11 +359,11 @@ class PeerManager:
             if p.pending is not None and now >= self._conns[p.pending].started + t.handshake_timeout:
                 actions.append(self._close(p.pending, ErrorCode.NO_ERROR, timed_out))
                 p.pending = None
-                if p.active is None:
+                if not self._directly_up(p):
                     self._fail(p, timed_out, now, False)
             if p.dial_requested_at is not None and now >= p.dial_requested_at + t.handshake_timeout:
                 p.dial_requested_at = None
-                if p.active is None:
+                if not self._directly_up(p):
                     self._fail(p, f"dial did not start within {t.handshake_timeout:.1f}s", now, False)
             if p.state in _MAY_DIAL and now >= p.next_dial_at and p.yields_first:
                 # At start, the peer whose name sorts first dials: its connection is the one both keep.
@@ -355,7 +371,7 @@ class PeerManager:
                 # handshakes when a whole mesh starts at once.
                 p.yields_first = False
                 p.next_dial_at = now + t.keepalive * self._rng.uniform(0.5, 1.0)
-            if p.state in _MAY_DIAL and now >= p.next_dial_at and dialing < _MAX_DIALS:
+            if self._may_dial(p) and now >= p.next_dial_at and dialing < _MAX_DIALS:
                 dialing += 1
                 p.dial_requested_at = now
                 actions.append(Dial(p.name))
@@ -379,7 +395,7 @@ class PeerManager:
         for p in self._peers.values():
             if p.dial_requested_at is not None:
                 times.append(p.dial_requested_at + t.handshake_timeout)
-            elif p.state in _MAY_DIAL and may_dial:
+            elif self._may_dial(p) and may_dial:
                 times.append(p.next_dial_at)
         return min(times, default=None)
 
@@ -410,13 +426,29 @@ class PeerManager:
             last_error=p.last_error,
         )
 
+    def relayed(self, peer: str) -> bool:
+        """Whether the peer's active connection goes through a relay."""
+        p = self._peers.get(peer)
+        return p is not None and p.active is not None and self._conns[p.active].relayed
+
     # --- helpers ------------------------------------------------------------------------------
     def _activate(self, p: _PeerPlan, conn: _Conn, now: float) -> None:
         self._conns[conn.conn_id] = conn
         p.active = conn.conn_id
         p.connected_since = now
-        p.failures = 0
-        p.rejected = False
+        if not conn.relayed:  # relayed: the direct dials go on, on their backoff
+            p.failures = 0
+            p.rejected = False
+
+    def _directly_up(self, p: _PeerPlan) -> bool:
+        return p.active is not None and not self._conns[p.active].relayed
+
+    def _may_dial(self, p: _PeerPlan) -> bool:
+        """Due for a direct dial when its time comes: not connected, or connected only through a relay."""
+        if p.state in _MAY_DIAL:
+            return True
+        return (p.active is not None and self._conns[p.active].relayed and p.pending is None
+                and p.dial_requested_at is None)
 
     def _dials_in_flight(self) -> int:
         return sum(1 for p in self._peers.values() if p.pending is not None or p.dial_requested_at is not None)

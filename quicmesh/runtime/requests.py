@@ -86,7 +86,8 @@ class RequestChannel:
         stream = wire.encode_feature_request(tag, data) if tag else wire.encode_request(data)
         quic.send_stream_data(stream_id, stream, end_stream=True)
         self._ctx.touch(connection)
-        target.counters.requests_out += 1
+        if not tag:  # the counters are the application's
+            target.counters.requests_out += 1
         try:
             return await future
         finally:
@@ -130,7 +131,8 @@ class RequestChannel:
     # --- serving ------------------------------------------------------------------------------
     def serve(self, connection: Connection, stream_id: int, body: bytes, tag: int = 0) -> None:
         peer = self._ctx.peers[connection.peer or ""]
-        peer.counters.requests_in += 1
+        if not tag:  # the counters are the application's
+            peer.counters.requests_in += 1
         if connection.serving >= self._ctx.config.limits.max_requests_in_flight:
             peer.counters.requests_refused += 1
             self.respond(connection, stream_id, wire.ResponseStatus.OVERLOADED, b"too many requests in flight")

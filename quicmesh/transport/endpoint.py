@@ -86,10 +86,28 @@ class Link:
     #: ride on, or the first packet after a quiet spell arrived (a keepalive PING: answered at once
     #: instead of by a timer 1 ms later, one wake-up less per keepalive on an idle mesh)
     ack_now: bool = False
+    #: a relayed link's circuit: its packets go through ``path.send``, not the socket (None: direct)
+    path: RelayPath | None = None
 
     def handshaking(self) -> bool:
         """An accepted connection whose handshake has not completed (nor failed) yet."""
         return not self.terminated and not self.quic.handshake_complete
+
+
+class RelayPath(Protocol):
+    """A circuit through a relay node, carrying one inner QUIC connection instead of the socket."""
+
+    #: stands in for the peer's UDP address in aioquic's path bookkeeping and in logs; unique per circuit
+    address: Address
+    #: the node that must answer at the other end (an accepted inner connection is verified against it)
+    expected_peer: str
+    #: the relay node the circuit goes through
+    relay: str
+
+    def send(self, packet: bytes) -> None: ...
+
+    def closed(self) -> None:
+        """The inner connection is gone: release the circuit."""
 
 
 class LinkHandler(Protocol):
@@ -105,7 +123,7 @@ class Endpoint:
     def __init__(
         self,
         handler: LinkHandler,
-        make_server_connection: Callable[[bytes], MeshQuicConnection],
+        make_server_connection: Callable[..., MeshQuicConnection],
         *,
         supported_versions: list[int],
         receive_size: int = 2048,
@@ -132,6 +150,9 @@ class Endpoint:
         self._pktinfo = False  # wildcard socket: packets carry their destination address (see _IP_PKTINFO)
         self._arrival_source: list[tuple[int, int, bytes]] | None = None  # of the last packet read (pktinfo)
         self._sources: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        self._relayed: dict[Address, Link] = {}  # relayed links by their circuit's stand-in address
+        self.relayed_packets_in = 0
+        self.relayed_packets_out = 0
 
     # --- socket ---------------------------------------------------------------------------
     def open(self, host: str, port: int) -> Address:
@@ -184,6 +205,53 @@ class Endpoint:
         link.quic.connect(address, now=self._loop.time())
         self.touch(link)
 
+    def new_relayed_client_link(self, quic: MeshQuicConnection, path: RelayPath) -> Link:
+        """Dial through a relay circuit: the connection's packets go to ``path.send``."""
+        link = self._register(quic, dialed=True, path=path)
+        link.address = path.address
+        self._relayed[path.address] = link
+        quic.connect(path.address, now=self._loop.time())
+        self.touch(link)
+        return link
+
+    def relayed_packet(self, path: RelayPath, data: bytes) -> None:
+        """An inner QUIC packet that came through ``path``: to its connection, or a new accepted one if it
+        is a valid Initial (the relay and the other end already agreed on the circuit)."""
+        now = self._loop.time()
+        link = self._relayed.get(path.address)
+        if link is None:
+            link = self._accept_relayed(data, path)
+            if link is None:
+                return
+        self.relayed_packets_in += 1
+        if now - link.last_received > _QUIET:
+            link.ack_now = True
+        link.last_received = now
+        link.quic.receive_datagram(data, path.address, now)
+        self._process(link)
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_dirty)
+
+    def _accept_relayed(self, data: bytes, path: RelayPath) -> Link | None:
+        if len(data) < _SMALLEST_INITIAL or not data[0] & 0x80:
+            self.stray_packets += 1
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            self.stray_packets += 1
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or header.version not in self._supported_versions:
+            self.stray_packets += 1
+            return None
+        link = self._register(self._make_server_connection(header.destination_cid, None, path), dialed=False,
+                              path=path)
+        link.address = path.address
+        self._relayed[path.address] = link
+        self._handler.link_accepted(link)
+        return link
+
     def abandon(self, link: Link) -> None:
         """Forget a client connection that never sent a packet (its address did not resolve)."""
         self._forget(link)
@@ -203,11 +271,12 @@ class Endpoint:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_dirty)
 
-    def _register(self, quic: MeshQuicConnection, *, dialed: bool) -> Link:
-        link = Link(conn_id=self._next_conn_id, quic=quic, dialed=dialed)
+    def _register(self, quic: MeshQuicConnection, *, dialed: bool, path: RelayPath | None = None) -> Link:
+        link = Link(conn_id=self._next_conn_id, quic=quic, dialed=dialed, path=path)
         self._next_conn_id += 1
         self._links[link.conn_id] = link
-        self._route(link, quic.host_cid)
+        if path is None:  # a relayed link's packets never come from the socket
+            self._route(link, quic.host_cid)
         return link
 
     def _route(self, link: Link, cid: bytes) -> None:
@@ -226,6 +295,9 @@ class Endpoint:
             link.timer = None
         self._links.pop(link.conn_id, None)
         self._dirty.pop(link.conn_id, None)
+        if link.path is not None and self._relayed.get(link.path.address) is link:
+            del self._relayed[link.path.address]
+            link.path.closed()
 
     # --- receive --------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -375,7 +447,8 @@ class Endpoint:
         while (event := quic.next_event()) is not None:
             kind = type(event)
             if kind is events.ConnectionIdIssued:
-                self._route(link, event.connection_id)
+                if link.path is None:
+                    self._route(link, event.connection_id)
             elif kind is events.ConnectionIdRetired:
                 if self._routes.get(event.connection_id) is link:
                     del self._routes[event.connection_id]
@@ -411,6 +484,11 @@ class Endpoint:
 
     def _send_pending(self, link: Link) -> None:
         packets = link.quic.datagrams_to_send(now=self._loop.time())
+        if link.path is not None:
+            for data, _ in packets:
+                link.path.send(data)
+            self.relayed_packets_out += len(packets)
+            return
         if len(packets) > 1 and self.gso:
             self._send_segmented(packets, link.source)
             return

@@ -17,7 +17,9 @@ Submodules, by concern (every public name is re-exported here: use ``wire.X``):
 - :mod:`~quicmesh.protocol.wire.datagrams`: APP/FORWARD/FORWARD_REPLY datagrams and BATCH datagrams;
 - :mod:`~quicmesh.protocol.wire.streams`: the stream type prefix, message/request/response encoders and
   body decoders;
-- :mod:`~quicmesh.protocol.wire.control`: the control frames, encode_frame and ControlDecoder.
+- :mod:`~quicmesh.protocol.wire.control`: the control frames, encode_frame and ControlDecoder;
+- :mod:`~quicmesh.protocol.wire.relay`: RELAY_UP/RELAY_DOWN datagrams and the relay messages (Connect, Offer,
+  Close, Reach: import them from the submodule, their names are generic).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ from quicmesh.protocol.wire.datagrams import (
     encode_forward_reply_datagram,
     unbatch_entry,
 )
+from quicmesh.protocol.wire.relay import (
+    MAX_CIRCUIT_ID,
+    MAX_REACH_ENTRIES,
+    RELAY_HEADER_MAX,
+    RelayMessage,
+    RelayOp,
+    decode_relay_datagram,
+    decode_relay_message,
+    encode_relay_datagram,
+    encode_relay_message,
+)
 from quicmesh.protocol.wire.streams import (
     FeatureMessageDecoder,
     FeatureRequestDecoder,
@@ -87,6 +100,15 @@ from quicmesh.protocol.wire.streams import (
 )
 
 __all__ = [
+    "MAX_CIRCUIT_ID",
+    "MAX_REACH_ENTRIES",
+    "RELAY_HEADER_MAX",
+    "RelayMessage",
+    "RelayOp",
+    "decode_relay_datagram",
+    "decode_relay_message",
+    "encode_relay_datagram",
+    "encode_relay_message",
     "ALPN",
     "PROTOCOL_VERSION",
     "DATAGRAM_OVERHEAD",

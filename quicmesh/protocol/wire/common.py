@@ -54,6 +54,8 @@ class DatagramKind(IntEnum):
     FORWARD_REPLY = 0x02  # exposing node -> forwarding node: the service's reply on flow ``flow_id``
     BATCH = 0x03  # several of the above in one QUIC DATAGRAM frame, each behind its length
     PUBLISH = 0x04  # pub/sub: a subject's message for the receiver's subscribers (quicmesh/pubsub)
+    RELAY_UP = 0x05  # relay: an end node -> its relay: an inner QUIC packet on a circuit (quicmesh/relay)
+    RELAY_DOWN = 0x06  # relay: the relay -> an end node: the other end's inner QUIC packet on that circuit
 
 
 class Feature(IntFlag):
