@@ -159,6 +159,37 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
+class PubSubPeer:
+    """One peer's pub/sub permissions (docs/PUBSUB.md); a list left out takes the [pubsub] default."""
+
+    name: str
+    publish: tuple[str, ...] | None = None  # subject patterns the peer may publish to this node
+    subscribe: tuple[str, ...] | None = None  # patterns the peer may subscribe to from this node
+
+
+@dataclass(frozen=True)
+class PubSubSection:
+    """Subjects (quicmesh/pubsub, docs/PUBSUB.md): what peers may publish here and subscribe to from here,
+    and the bounds on what a peer may make this node remember."""
+
+    publish: tuple[str, ...] = (">",)  # default for peers not in ``peers``: everything
+    subscribe: tuple[str, ...] = (">",)
+    peers: tuple[PubSubPeer, ...] = ()
+    max_interest_per_peer: int = 10_000  # (pattern, queue group) entries one peer may have here
+    interest_rate: float = 100.0  # Interest frames per second from one peer (over it: refused, resynced later)
+    interest_burst: int = 200
+    max_pending: int = 8192  # messages a subscription holds unread (datagrams over it dropped, messages wait)
+
+    def permissions(self, peer: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(publish, subscribe) patterns for ``peer``."""
+        listed = next((p for p in self.peers if p.name == peer), None)
+        if listed is None:
+            return self.publish, self.subscribe
+        return (self.publish if listed.publish is None else listed.publish,
+                self.subscribe if listed.subscribe is None else listed.subscribe)
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """A local UDP service this node exposes to its peers, by name (docs/FORWARDING.md)."""
 
@@ -192,6 +223,7 @@ class Config:
     storage: StorageSection = StorageSection()
     health: HealthSection = HealthSection()
     relay: RelaySection = RelaySection()
+    pubsub: PubSubSection = PubSubSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key

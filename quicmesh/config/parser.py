@@ -208,6 +208,11 @@ def parse_config(
             values[name], valid[name] = parser.table(data[name], name, table)
     peers = arrays["peers"]
     parser.check_forwarding(values.get("node", {}), peers, arrays["services"], arrays["forwards"])
+    known_peers = [p["name"] for p in peers if "name" in p]
+    for i, entry in enumerate(values.get("pubsub", {}).get("peers", ())):  # permissions for a typo: nobody's
+        if entry.name not in known_peers:
+            parser.fail(f"pubsub.peers[{i}].name", f"{entry.name!r} is not a configured peer"
+                        + (did_you_mean(entry.name, known_peers) or f" (configured peers: {', '.join(known_peers) or 'none'})"))
 
     if valid.get("timers"):
         parser.check_timer_order(values["timers"])

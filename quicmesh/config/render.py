@@ -16,6 +16,8 @@ def _toml_value(value: Any) -> str:
         return toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (pubsub.peers entries): keys are bare names
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)  # int, or a finite float: repr is valid TOML for both
 
 

@@ -33,6 +33,8 @@ from quicmesh.config.model import (
     MetricsSection,
     NodeSection,
     PeerConfig,
+    PubSubPeer,
+    PubSubSection,
     RelaySection,
     SecuritySection,
     ServiceConfig,
@@ -394,6 +396,55 @@ _RELAY = Table(RelaySection, (
     Field("max_circuits_per_peer", _integer(0, 100_000)),
     Field("max_bytes_per_second", _bytes_per_second),
 ))
+def _subject_patterns(value: Any, _: Parser) -> tuple[str, ...]:
+    from quicmesh.pubsub.subjects import validate_pattern  # pure; only here, so the schema loads it lazily
+    from quicmesh.errors import InvalidSubjectError
+
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f'must be an array of subject patterns, e.g. ["orders.>"], got {show(value)}')
+    patterns, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            patterns.append(validate_pattern(item))
+        except InvalidSubjectError as e:
+            problems.append((f"[{i}]", str(e)))
+    if problems:
+        raise ItemErrors(problems)
+    return tuple(patterns)
+
+
+_PUBSUB_PEER = Table(PubSubPeer, (
+    Field("name", _name("peer"), required=True),
+    Field("publish", _subject_patterns),
+    Field("subscribe", _subject_patterns),
+))
+
+
+def _pubsub_peers(value: Any, parser: Parser) -> tuple[PubSubPeer, ...]:
+    """``[[pubsub.peers]]`` tables; each bad key is reported by its own path."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be an array of tables ([[pubsub.peers]] with name, publish, subscribe), got {show(value)}")
+    entries: list[PubSubPeer] = []
+    for i, item in enumerate(value):
+        values, valid = parser.table(item, f"pubsub.peers[{i}]", _PUBSUB_PEER)
+        if not valid:
+            continue
+        if any(entry.name == values["name"] for entry in entries):
+            parser.fail(f"pubsub.peers[{i}].name", f"duplicate peer {values['name']!r}")
+            continue
+        entries.append(PubSubPeer(**values))
+    return tuple(entries)
+
+
+_PUBSUB = Table(PubSubSection, (
+    Field("publish", _subject_patterns),
+    Field("subscribe", _subject_patterns),
+    Field("peers", _pubsub_peers),
+    Field("max_interest_per_peer", _integer(1, 1_000_000)),
+    Field("interest_rate", _rate),
+    Field("interest_burst", _integer(1, 1_000_000)),
+    Field("max_pending", _integer(1, 1_000_000)),
+))
 _SERVICE = Table(ServiceConfig, (
     Field("name", _name("service"), required=True),
     Field("target", _address(), required=True),
@@ -410,6 +461,7 @@ SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
     "health": _HEALTH, "storage": _STORAGE, "relay": _RELAY,
+    "pubsub": _PUBSUB,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")

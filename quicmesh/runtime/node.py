@@ -41,6 +41,8 @@ from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvent, PeerEvents, ReceiveHandler, Received, RequestHandler
 from quicmesh.relay.feature import RelayFeature
 from quicmesh.runtime.features import FeatureHost
+from quicmesh.pubsub.feature import PubSub
+from quicmesh.pubsub.subscription import Handler as SubjectHandler, Subscription
 from quicmesh.runtime.inbox import Inbox
 from quicmesh.runtime.messages import MessageChannel
 from quicmesh.runtime.peer import Peer, PeerStatus
@@ -67,6 +69,8 @@ class Node:
         #: the extension seam: features (UDP forwarding, ...) plug in here
         self.features = FeatureHost(ctx, self._datagrams, self._messages, self._connections, self._inbox)
         self._connections.features = self.features
+        self._pubsub = PubSub(self.features, lambda: ctx.config)  # subjects: publish/subscribe (quicmesh/pubsub)
+        self.features.add(self._pubsub)
         self._relay = RelayFeature(self.features)  # reaching peers through a third node (quicmesh/relay)
         self.features.add(self._relay)
         self._durable: DurableMessages | None = None  # [storage] path: durable messages (quicmesh/durable)
@@ -408,6 +412,29 @@ class Node:
         self._messages.check_size(target, data)
         await self._durable.send(peer, data, ttl)
     # --- end of durable messages -----------------------------------------------------------------------
+
+    # --- subjects (quicmesh/pubsub) ------------------------------------------------------------------
+    async def publish(self, subject: str, data: bytes, *, reliable: bool = False) -> int:
+        """Publish ``data`` on ``subject`` to every matching subscriber in the mesh (this node's too) and
+        one member of each matching queue group: datagrams, or ``reliable`` messages (returns once every
+        node accepted it; PublishError otherwise). The number of nodes it was handed to. docs/PUBSUB.md."""
+        return await self._pubsub.publish(subject, data, reliable=reliable)
+
+    def subscribe(self, subject: str, *, queue: str | None = None, handler: SubjectHandler | None = None,
+                  max_pending: int | None = None) -> Subscription:
+        """Subscribe to a subject pattern (``*`` one token, ``>`` the rest), as a member of ``queue`` if
+        given: an async iterator of messages, or ``handler(msg)`` called for each. ``close()`` ends it."""
+        return self._pubsub.subscribe(subject, queue=queue, handler=handler, max_pending=max_pending)
+
+    async def request_subject(self, subject: str, data: bytes, timeout: float = 5.0) -> bytes:
+        """Ask one subscriber of ``subject``, wherever it is; its response (NoRespondersError,
+        RequestTimeoutError). Compare ``request(peer, ...)``, which names the node."""
+        return await self._pubsub.request(subject, data, timeout)
+
+    def serve_subject(self, subject: str, handler: SubjectHandler, *, queue: str | None = None) -> Subscription:
+        """Answer requests on ``subject`` with ``handler(msg) -> bytes`` (or an awaitable of bytes)."""
+        return self._pubsub.subscribe(subject, queue=queue, handler=handler)
+    # --- end of subjects ----------------------------------------------------------------------------
 
 
 def _toucher(endpoint: Endpoint):  # noqa: ANN202 - a closure over the endpoint, for Context.touch
