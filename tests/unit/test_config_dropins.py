@@ -11,18 +11,10 @@ import pytest
 from quicmesh.config import drop_in_files, load_config
 from quicmesh.config.parser import merge_layers
 from quicmesh.errors import ConfigError
+from tests.unit.test_config import MINIMAL, make_files, write_config
 
-MAIN = """\
-[node]
-name = "alpha"
-mesh = "prod"
-listen = "127.0.0.1:4433"
-
-[tls]
-ca = "ca.crt"
-cert = "node.crt"
-key = "node.key"
-denylist = ["sha256:{a}"]
+MAIN = MINIMAL + f"""\
+denylist = ["sha256:{'aa' * 32}"]
 
 [[peers]]
 name = "beta"
@@ -30,15 +22,11 @@ address = "10.0.0.2:4433"
 
 [timers]
 keepalive = 0.5
-""".format(a="aa" * 32)
+"""
 
 
 def setup(folder: Path, **drop_ins: str) -> Path:
-    for name in ("ca.crt", "node.crt", "node.key"):
-        (folder / name).write_text("x")
-    os.chmod(folder / "node.key", 0o600)
-    config = folder / "node.toml"
-    config.write_text(MAIN)
+    config = write_config(make_files(folder), MAIN)
     if drop_ins:
         (folder / "conf.d").mkdir()
     for name, text in drop_ins.items():
