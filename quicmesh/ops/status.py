@@ -54,6 +54,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
 
     if (forwarder := node.features.find(Forwarder)) is not None:
         document["forwarding"] = forwarder.status()
+    from quicmesh.relay.feature import RelayFeature  # every running node has it loaded
+
+    if (relay := node.features.find(RelayFeature)) is not None:
+        document["relay"] = relay.status()  # circuits through this node, our circuits, refusals by peer
     if (guard := node.guard_status()) is not None:
         document["guard"] = guard
     return {**document, **_expiry("ca", node.ca_not_after, now)}
@@ -142,9 +146,11 @@ def _problem(peer: dict[str, Any]) -> str:
 def peer_row(peer: dict[str, Any], now: float) -> list[str]:
     counters = peer.get("counters") or {}
     connected = peer.get("state") == "connected"
+    relayed = connected and str(peer.get("path") or "").startswith("via ")
     return [
         str(peer.get("name", "?")),
         str(peer.get("state", "?")),
+        str(peer["path"]) if relayed else  # "via RELAY": the address is the relay's business
         format_address(peer.get("remote_address") if connected and peer.get("remote_address") else peer.get("address")),
         format_rtt(peer.get("rtt")) if connected else "-",
         _ago(peer.get("last_seen"), now),
