@@ -30,6 +30,8 @@ def add_commands(command: Any, target: Any, epilog: str) -> None:
     send.add_argument("peer")
     send.add_argument("data", metavar="DATA", help="the payload, or - to read standard input")
     send.add_argument("--datagram", action="store_true", help="unreliable datagram instead of a message")
+    send.add_argument("--durable", action="store_true",
+                      help="durable message: done once committed to the node's outbox ([storage], docs/DURABLE.md)")
     send.add_argument("--lines", action="store_true", help="send each line of DATA (or stdin) separately")
     send.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
                       help="how long to wait for each acknowledgement (default 10)")
@@ -95,7 +97,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
     async def send() -> None:
         async with await ControlClient.connect(path) as client:
-            await _acked(client.send(args.peer, data, datagram=args.datagram), args)
+            await _acked(client.send(args.peer, data, datagram=args.datagram, durable=args.durable), args)
 
     asyncio.run(send())
     return EXIT_OK
@@ -123,7 +125,7 @@ async def _send_lines(path: Path, args: argparse.Namespace) -> int:
     async def send_one(client: ControlClient, line_number: int, line: bytes) -> None:
         nonlocal done, failure
         try:
-            await _acked(client.send(args.peer, line, datagram=args.datagram), args)
+            await _acked(client.send(args.peer, line, datagram=args.datagram, durable=args.durable), args)
             done += 1
         except QuicmeshError as exc:
             failure = failure or f"line {line_number}: {exc}"

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, PeerNotConnectedError,
-                             QuicmeshError, RemoteError, RequestTimeoutError, UnknownPeerError)
+from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, OutboxFullError,
+                             PeerNotConnectedError, QuicmeshError, RemoteError, RequestTimeoutError, StorageError,
+                             UnknownPeerError)
 from quicmesh.ops.health import ALL_PEERS, MinPeers
 from quicmesh.ops.logs import fields
 from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
@@ -67,7 +68,7 @@ class BadRequestError(ControlError):
 # Node errors a client re-raises as the same type, so Python callers can catch them precisely.
 _REMOTE_TYPES: dict[str, type[QuicmeshError]] = {cls.__name__: cls for cls in (
     UnknownPeerError, PeerNotConnectedError, DatagramTooLargeError, MessageTooLargeError,
-    RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError)}
+    RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError, StorageError, OutboxFullError)}
 
 
 def socket_from_environment() -> tuple[str, str] | None:
@@ -373,8 +374,13 @@ async def _op_status(client: _Client, request: dict[str, Any]) -> dict[str, Any]
 
 async def _op_send(client: _Client, request: dict[str, Any]) -> dict[str, Any]:
     peer, data, node = _text(request, "peer"), _data(request), client.server.node
+    durable = _flag(request, "durable")  # committed to the node's outbox ([storage]), not yet delivered
     if _flag(request, "datagram"):
+        if durable:
+            raise BadRequestError("a datagram cannot be durable: drop 'datagram' or 'durable'")
         node.send_datagram(peer, data)
+    elif durable:
+        await node.send(peer, data, durable=True)
     else:
         await node.send(peer, data)
     return {}
@@ -510,9 +516,11 @@ class ControlClient:
     async def status(self) -> dict[str, Any]:
         return (await self.call("status"))["status"]
 
-    async def send(self, peer: str, data: bytes, *, datagram: bool = False) -> None:
-        """Returns when the peer acknowledged the message (a datagram: when the node queued it)."""
-        await self.call("send", peer=peer, data=b64encode(data), datagram=datagram)
+    async def send(self, peer: str, data: bytes, *, datagram: bool = False, durable: bool = False) -> None:
+        """Returns when the peer acknowledged the message (a datagram: when the node queued it; a durable
+        message: when the node committed it to its outbox)."""
+        extra = {"durable": True} if durable else {}  # only when asked: older daemons refuse nothing
+        await self.call("send", peer=peer, data=b64encode(data), datagram=datagram, **extra)
 
     async def request(self, peer: str, data: bytes, *, timeout: float = 5.0) -> bytes:
         reply = await self.call("request", peer=peer, data=b64encode(data), timeout=timeout)

@@ -54,6 +54,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
 
     if (forwarder := node.features.find(Forwarder)) is not None:
         document["forwarding"] = forwarder.status()
+    from quicmesh.durable.feature import DurableMessages  # likewise: a node with [storage] has it loaded
+
+    if (durable := node.features.find(DurableMessages)) is not None:
+        document["durable"] = durable.status()  # outbox depth, bytes and oldest age per peer; counters
     from quicmesh.relay.feature import RelayFeature  # every running node has it loaded
 
     if (relay := node.features.find(RelayFeature)) is not None:

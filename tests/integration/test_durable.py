@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import random
 import resource
 import signal
@@ -67,6 +68,15 @@ def _numbers(lines: list[str], word: str) -> list[int]:
 def mesh(tmp_path: Path) -> Path:
     make_mesh(tmp_path, ["alpha", "beta"])
     return tmp_path
+
+
+def _enable_storage(toml: Path) -> None:
+    """``[storage] path = "state.db"`` in a node.toml (a rendered config already has a [storage] table)."""
+    text = toml.read_text()
+    if "\n[storage]\n" in text:
+        toml.write_text(text.replace("\n[storage]\n", '\n[storage]\npath = "state.db"\n'))
+    else:
+        toml.write_text(text + '\n[storage]\npath = "state.db"\n')
 
 
 def _stop(*processes: subprocess.Popen[bytes]) -> None:
@@ -177,7 +187,7 @@ def test_a_corrupt_database_stops_the_daemon_with_its_name(mesh: Path, cli) -> N
     database = mesh / "alpha" / "state.db"
     database.write_bytes(b"this is not SQLite" * 500)
     toml = mesh / "alpha" / "node.toml"
-    toml.write_text(toml.read_text() + '\n[storage]\npath = "state.db"\n')
+    _enable_storage(toml)
     result = cli("run", "-c", str(toml))
     assert result.returncode != 0
     assert str(database) in result.stderr and "Traceback" not in result.stderr
@@ -240,3 +250,38 @@ def test_limits_ttl_and_acks_in_one_process(mesh: Path) -> None:
                 "beta", b"x", durable=True)
 
     asyncio.run(run())
+
+
+# --- the daemon, the control socket and the CLI -----------------------------------------------------------
+def test_cli_send_durable_outbox_and_purge(local_mesh, cli) -> None:  # noqa: ANN001
+    from conftest import RunningMesh
+
+    alpha = local_mesh[0]
+    _enable_storage(alpha.config)
+    mesh = RunningMesh(local_mesh)
+    try:
+        mesh.start("alpha")  # beta and gamma stay down: durable messages wait for them
+        _wait_for(lambda: alpha.socket.exists(), "alpha's control socket", 15)
+        socket = ["--socket", str(alpha.socket)]
+        for text in ("one", "two"):
+            result = cli("send", *socket, "--durable", "beta", text)
+            assert result.returncode == 0, result.stderr
+        assert cli("send", *socket, "--durable", "--lines", "gamma", "a\nb\nc").returncode == 0
+        result = cli("outbox", *socket)
+        assert result.returncode == 0, result.stderr
+        rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:3]}
+        assert rows["beta"][1] == "2" and rows["gamma"][1] == "3" and "down" in result.stdout
+        document = json.loads(cli("outbox", *socket, "--json").stdout)
+        assert document["outbox"]["beta"]["bytes"] == 6 and document["outbox_messages"] == 5
+        assert mesh.status("alpha")["durable"]["outbox"]["gamma"]["messages"] == 3
+        refused = cli("outbox", *socket, "purge", "gamma")  # stdin is not a terminal: no silent purge
+        assert refused.returncode == 2 and "--yes" in refused.stderr
+        purged = cli("outbox", *socket, "purge", "gamma", "--yes")
+        assert purged.returncode == 0 and "purged 3 messages" in purged.stdout
+        both = cli("send", *socket, "--durable", "--datagram", "beta", "x")
+        assert both.returncode == 1 and "cannot be durable" in both.stderr
+        mesh.start("beta")  # beta has no [storage]: it refuses, alpha keeps the messages and retries
+        _wait_for(lambda: "not taken" in mesh.log("alpha"), "alpha to hear beta refuse", 20)
+        assert json.loads(cli("outbox", *socket, "--json").stdout)["outbox"]["beta"]["messages"] == 2
+    finally:
+        mesh.stop(timeout=2.0)
