@@ -94,15 +94,16 @@ def test_compose_health_and_ordering(compose):
 UNIT = DEPLOY / "systemd" / "quicmesh.service"
 
 
-def _verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """systemd-analyze verify, with ExecStart's binary stubbed (verify insists that it exists)."""
+def _verify(unit_text: str, tmp_path: Path, name: str = "quicmesh.service") -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify, with ExecStart's binary stubbed (verify insists that it exists); a template
+    (``name`` with ``@.``) is verified as its instance ``@alpha``."""
     stub = tmp_path / "quicmesh"
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
-    unit = tmp_path / "quicmesh.service"
+    unit = tmp_path / name
     unit.write_text(unit_text.replace("/opt/quicmesh/bin/quicmesh", str(stub)))
-    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(["systemd-analyze", "verify", str(unit).replace("@.", "@alpha.")], capture_output=True,
+                          text=True, timeout=60)
 
 
 needs_systemd_analyze = pytest.mark.skipif(
@@ -151,6 +152,31 @@ def test_systemd_unit_contract():
     for setting in ("ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"):
         key, value = setting.split("=")
         assert unit[key] == [value]
+
+
+TEMPLATE = DEPLOY / "systemd" / "quicmesh@.service"
+
+
+@needs_systemd_analyze
+def test_systemd_template_unit_verifies_clean(tmp_path):
+    proc = _verify(TEMPLATE.read_text(), tmp_path, "quicmesh@.service")
+    assert proc.stderr == "" and proc.returncode == 0
+    mistaken = _verify(TEMPLATE.read_text().replace("WatchdogSec=", "WatchdogSek="), tmp_path, "quicmesh@.service")
+    assert "WatchdogSek" in mistaken.stderr
+
+
+def test_systemd_template_is_the_unit_per_instance():
+    """Same service as quicmesh.service, but each instance has its own config folder, socket and runtime dir."""
+    single, template = UNIT.read_text(), TEMPLATE.read_text()
+    settings = [line for line in template.splitlines() if "=" in line and not line.startswith("#")]
+    assert "ExecStart=/opt/quicmesh/bin/quicmesh run -c /etc/quicmesh/%i/node.toml" in settings
+    assert "ExecStartPre=/opt/quicmesh/bin/quicmesh check-config -c /etc/quicmesh/%i/node.toml" in settings
+    assert "RuntimeDirectory=quicmesh/%i" in settings
+    assert any("QUICMESH_CONTROL_SOCKET=/run/quicmesh/%i/quicmesh.sock" in line for line in settings)
+    instance_free = {line.replace("/%i", "").replace(" %i", "") for line in settings}
+    assert instance_free == {line for line in single.splitlines() if "=" in line and not line.startswith("#")}
+    for unit in (single, template):
+        assert "WatchdogSec=30s" in unit and "Type=notify" in unit
 
 
 # ------------------------------------------------------------------------------------------- kubernetes

@@ -1,4 +1,4 @@
-"""The Prometheus endpoint, certificate-expiry warnings, and the guard's line in `quicmesh status`."""
+"""The Prometheus endpoint and its probes, credential warnings, and the guard's line in `quicmesh status`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 from meshkit import make_mesh
 from quicmesh import Node
-from quicmesh.ops.metrics import MetricsServer, cert_warnings, render
+from quicmesh.ops.credential_watch import CredentialDates
+from quicmesh.ops.metrics import MetricsServer, render
 from quicmesh.ops.status import build_status, guard_line, header
 from quicmesh.ops.status import render as render_status
 
@@ -45,7 +46,7 @@ async def test_metrics_endpoint_serves_peers_counters_guard_and_certs(tmp_path: 
             assert 'quicmesh_cert_days_left{cert="node"}' in body and 'quicmesh_cert_days_left{cert="ca"}' in body
             assert "quicmesh_peer_rtt_seconds{peer=\"alpha\"}" in body
             packets_in = [line for line in body.splitlines() if line.startswith('quicmesh_udp_packets_total{direction="in"}')]
-            assert len(packets_in) == 1 and int(packets_in[0].rsplit(" ", 1)[1]) > 0
+            assert len(packets_in) == 1 and float(packets_in[0].rsplit(" ", 1)[1]) > 0
             assert "quicmesh_udp_send_errors_total 0" in body
             for line in body.splitlines():  # every sample line is "name{labels} number"
                 if not line.startswith("#"):
@@ -63,16 +64,24 @@ async def test_metrics_endpoint_serves_peers_counters_guard_and_certs(tmp_path: 
         assert guard_line(document) is None  # nothing dropped: no extra line
 
 
-def test_cert_warnings_for_node_and_ca() -> None:
+def test_credential_warnings_for_node_ca_and_crl() -> None:
     now = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    node = SimpleNamespace(cert_not_after=now + timedelta(days=10), ca_not_after=now + timedelta(days=400))
-    (warning,) = cert_warnings(node, now)
-    assert warning.startswith("node certificate expires in 10.0 days")
-    node.ca_not_after = now - timedelta(days=2)
-    assert cert_warnings(node, now)[1].startswith("mesh CA certificate EXPIRED 2.0 days ago")
-    node.cert_not_after = now + timedelta(days=31)
-    node.ca_not_after = now + timedelta(days=31)
-    assert cert_warnings(node, now) == []
+    dates = CredentialDates(cert_not_after=now + timedelta(days=10), ca_not_after=now + timedelta(days=400))
+    (warning,) = dates.warnings(now)
+    assert warning.kind == "cert_expiring" and warning.text.startswith("node certificate expires in 10.0 days")
+    dates = CredentialDates(now + timedelta(days=10), now - timedelta(days=2), now - timedelta(hours=36))
+    assert [w.kind for w in dates.warnings(now)] == ["cert_expiring", "ca_expired", "crl_stale"]
+    assert dates.warnings(now)[1].text.startswith("mesh CA certificate EXPIRED 2.0 days ago")
+    assert dates.warnings(now)[2].text.startswith("CRL is stale: past its nextUpdate by 1.5 days")
+    fine = CredentialDates(now + timedelta(days=31), now + timedelta(days=31), now + timedelta(days=1))
+    assert fine.warnings(now) == []
+    text = render(SimpleNamespace(name="solo", peers=lambda: [], rejections=(), rejection_count=0,
+                                  guard_status=lambda: None,
+                                  socket_counters=lambda: {"packets_in": 0, "packets_out": 0, "send_errors": 0}),
+                  now=now, dates=dates)
+    assert 'quicmesh_credential_warning{kind="crl_stale"} 1.0' in text
+    assert 'quicmesh_credential_warning{kind="ca_expiring"} 0.0' in text
+    assert "quicmesh_crl_days_left -1.5" in text
 
 
 def test_render_before_start_without_peers() -> None:
