@@ -33,6 +33,7 @@ _TAG = int(wire.FeatureTag.RELAY)
 _TICK = 0.25  # seconds between looks for peers to reach through a relay
 _RETRY_MIN, _RETRY_MAX = 1.0, 30.0  # after a failed attempt to relay to a peer, wait this long (doubling)
 _ASKED = 8  # direct peers asked whom they reach, nearest first
+_UNUSED_PATH = 30.0  # seconds an offered or opened circuit may wait for its first packet
 #: The outer connections must carry a relayed QUIC packet (1,200 bytes) plus the relay header.
 MIN_OUTER_PAYLOAD = 1200 + wire.RELAY_HEADER_MAX
 
@@ -49,6 +50,8 @@ class CircuitPath:
     circuit: int
     expected_peer: str
     owner: RelayFeature
+    created: float = field(default_factory=time.monotonic)
+    packets_in: int = 0  # a path that never carried a packet is dropped after _UNUSED_PATH seconds
 
     @property
     def address(self) -> tuple[str, int]:
@@ -126,6 +129,7 @@ class RelayFeature(FeatureBase):
         def tick() -> None:
             if not self._host.running:
                 return
+            self._drop_unused_paths()
             self._consider_relaying()
             self._timer = loop.call_later(_TICK, tick)
 
@@ -151,8 +155,8 @@ class RelayFeature(FeatureBase):
             reason = await self._try_relays(target)
         finally:
             self._attempting.discard(target)
-        if reason is None:
-            self._retry.pop(target, None)
+        if reason is None:  # dialing through the relay: give the handshake its time before another attempt
+            self._retry[target] = (time.monotonic() + self._host.config.timers.handshake_timeout, _RETRY_MIN)
             self.counters.errors.pop(target, None)
             return
         self.counters.attempts_failed += 1
@@ -235,6 +239,7 @@ class RelayFeature(FeatureBase):
             if path is None:
                 self.counters.dropped_unknown_circuit += 1
                 return
+            path.packets_in += 1
             self._host.relayed_packet(path, packet)
             return
         relayed = self._circuits.get(circuit)
@@ -345,8 +350,23 @@ class RelayFeature(FeatureBase):
             raise RelayRefusedError(f"{config.node.name} takes no relayed connections ([relay] use = false)")
         if config.peer(offer.source) is None:
             raise RelayRefusedError(f"{offer.source} is not a configured peer of {config.node.name}")
+        if offer.source == relay:
+            raise RelayRefusedError(f"{relay} offered a circuit to itself")
+        via_relay = sum(1 for path in self._paths.values() if path.relay == relay)
+        if via_relay >= config.relay.max_circuits_per_peer or len(self._paths) >= config.relay.max_circuits:
+            raise RelayRefusedError(f"{config.node.name} has too many relayed circuits (max_circuits_per_peer "
+                                    f"{config.relay.max_circuits_per_peer}, max_circuits {config.relay.max_circuits})")
         self._paths[(relay, offer.circuit)] = CircuitPath(relay, offer.circuit, offer.source, self)
         return b""
+
+    def _drop_unused_paths(self) -> None:
+        """Circuits offered to us (or opened by us) whose inner connection never started: a relay cannot make
+        us hold them forever."""
+        deadline = time.monotonic() - _UNUSED_PATH
+        for key, path in list(self._paths.items()):
+            if path.packets_in == 0 and path.created < deadline:
+                del self._paths[key]
+                self._send(path.relay, Close(path.circuit, "unused"))
 
     # --- reachability ----------------------------------------------------------------------------
     def _reach_list(self) -> tuple[tuple[str, int], ...]:
