@@ -39,8 +39,8 @@ exit status (the monitoring-plugin convention of Nagios, Icinga, Sensu):
   {Verdict.UNKNOWN:d} UNKNOWN   bad usage, or the config file is unusable
 
 --min-peers N or P% (of the configured peers); default: the node's [health] min_peers (every peer).
-Readiness check: quicmesh status --check.  Liveness check (the daemon answers): quicmesh status --check
---min-peers 0, then exit 0 or 1 means alive.
+Readiness (min peers met): quicmesh status --check; test $? -le 1
+Liveness (the daemon answers): quicmesh status --check --min-peers 0; test $? -le 1
 {WHERE_HELP}
 """
 

@@ -23,7 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 CONFIG_ENV = "QUICMESH_CONFIG"
 DEFAULT_CONFIG = Path("/etc/quicmesh/node.toml")
 
-WHERE_HELP = (f"The config is -c, else ${CONFIG_ENV}, else {DEFAULT_CONFIG}. The control socket is --socket, "
+WHERE_HELP = (f"The config is -c, else ${CONFIG_ENV}, else {DEFAULT_CONFIG}.\nThe control socket is --socket, "
               f"else ${SOCKET_ENVS[0]}, else ${SOCKET_ENVS[1]}, else control.socket of the config.")
 
 

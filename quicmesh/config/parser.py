@@ -116,7 +116,8 @@ class Parser:
             name = service.get("name")
             if name is not None:
                 if name in first:
-                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also {self.where(f'services[{first[name]}]')})")
+                    also = self.where(f"services[{first[name]}]")
+                    self.fail(f"services[{i}].name", f"duplicate service {name!r} (also {also})")
                 else:
                     first[name] = i
             for j, peer in enumerate(service.get("allow") or ()):
@@ -132,7 +133,8 @@ class Parser:
             if listen is None or listen.port == 0:
                 continue
             if listen in listens:
-                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also {self.where(f'forwards[{listens[listen]}]')})")
+                also = self.where(f"forwards[{listens[listen]}]")
+                self.fail(f"forwards[{i}].listen", f"duplicate listen address {listen} (also {also})")
             else:
                 listens[listen] = i
             if own is not None and listen == own:
