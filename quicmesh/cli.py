@@ -76,7 +76,7 @@ def _min_peers(text: str) -> MinPeers:
 
 
 #: Modules whose ``add_commands(command, target)`` adds a feature's subcommands (one line per feature).
-FEATURE_COMMANDS: tuple[str, ...] = ("quicmesh.durable.cli",)
+FEATURE_COMMANDS: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli")
 
 
 def build_parser() -> _Parser:

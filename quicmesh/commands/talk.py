@@ -38,8 +38,10 @@ def add_commands(command: Any, target: Any, epilog: str) -> None:
 
     request = command("request", "send a request to a peer and print its reply", _cmd_request)
     target(request)
-    request.add_argument("peer")
+    request.add_argument("peer", nargs="?", help="the peer to ask (or give --subject)")
     request.add_argument("data", metavar="DATA", help="the request body, or - to read standard input")
+    request.add_argument("--subject", metavar="SUBJECT",
+                         help="ask one subscriber of SUBJECT, wherever it is, instead of a peer (docs/PUBSUB.md)")
     request.add_argument("--timeout", type=seconds, default=5.0, metavar="SECONDS", help="default 5")
 
     listen = command("listen", "print the datagrams and messages a node receives", _cmd_listen,
@@ -158,10 +160,16 @@ async def _send_lines(path: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_request(args: argparse.Namespace) -> int:
+    if (args.peer is None) == (args.subject is None):
+        args.parser.error("give either a PEER or --subject SUBJECT")
     path, data = node_socket(args)[0], _payload(args.data)
 
     async def request() -> bytes:
         async with await ControlClient.connect(path) as client:
+            if args.subject is not None:
+                from quicmesh.pubsub.cli import request_subject
+
+                return await request_subject(client, args.subject, data, args.timeout)
             asking = client.request(args.peer, data, timeout=args.timeout)
             try:
                 return await asyncio.wait_for(asking, args.timeout + REPLY_TIMEOUT)

@@ -62,6 +62,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
 
     if (relay := node.features.find(RelayFeature)) is not None:
         document["relay"] = relay.status()  # circuits through this node, our circuits, refusals by peer
+    from quicmesh.pubsub.feature import PubSub  # every running node has it loaded
+
+    if (pubsub := node.features.find(PubSub)) is not None:
+        document["pubsub"] = pubsub.status()  # subscriptions, interest per peer, counters, busiest subjects
     if (guard := node.guard_status()) is not None:
         document["guard"] = guard
     return {**document, **_expiry("ca", node.ca_not_after, now)}

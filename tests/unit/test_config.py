@@ -187,7 +187,7 @@ def test_to_dict_is_plain_json_ready_data(tmp_path: Path) -> None:
     assert "fingerprint" not in data["peers"][0]  # TOML has no null: unset optional keys are left out
     assert data["timers"]["dead_after"] == 2.0
     assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
-                         "health", "storage", "relay", "services", "forwards"}
+                         "health", "storage", "relay", "pubsub", "services", "forwards"}
 
 
 # --- errors, each with its key path -----------------------------------------------------------------
