@@ -10,5 +10,5 @@
 Every loop here is bounded in count and in time.
 """
 
-MODES = ("datagram", "message", "request", "bulk")
+MODES = ("datagram", "message", "request", "bulk", "pubsub")
 IMPLS = ("quicmesh", "bare")

@@ -19,6 +19,7 @@ nodes, each node in its own process. Modes:
   message   reliable acknowledged messages (one stream each, 64 in flight per sender); latency = send to ack
   request   sequential request/reply (one at a time per sender); latency = round trip
   bulk      large reliable messages (--size default 1 MiB, 8 in flight); MB/s
+  pubsub    subjects: fan-out to 1 and to 3 subscriber nodes, then requests by subject (--msgs per run)
 --impl bare runs the same with bare aioquic (the baseline of `python -m quicmesh.bench.compare`).
 uvloop is used when installed (pip install 'quicmesh[fast]'); --loop asyncio forces the stock loop.
 """
@@ -51,6 +52,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mode == "pubsub":
+        return _run_pubsub(args)
     options = options_from(args)
     try:
         options.check()
@@ -70,6 +73,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_text(result))
     return 1 if any(p["timed_out"] for p in result["senders"]) else 0
+
+
+def _run_pubsub(args: argparse.Namespace) -> int:
+    from quicmesh.bench.pubsub import PubSubBenchOptions, render, run_pubsub_bench
+
+    options = PubSubBenchOptions(msgs=args.msgs, size=args.size or 100, loop=args.loop, timeout=args.timeout)
+    try:
+        options.check()
+    except ValueError as error:
+        args.parser.error(str(error))
+    if not (args.json or args.csv):
+        print(f"quicmesh bench: pubsub on {options.host}, {options.size} B payloads, separate processes", flush=True)
+    results = run_pubsub_bench(options)
+    print(json.dumps({"pubsub": results}, indent=2) if args.json or args.csv else render(results))
+    return 0
 
 
 def _progress_printer() -> Any:
