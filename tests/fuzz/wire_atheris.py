@@ -18,7 +18,7 @@ with atheris.instrument_imports():
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 11)
+    target = fdp.ConsumeIntInRange(0, 13)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -30,6 +30,8 @@ def one_input(data: bytes) -> None:
             wire.read_stream_type(payload, bidirectional=end)
         elif target == 6:
             wire.decode_datagram_batch(payload)
+        elif target >= 12:  # relay: RELAY_UP/RELAY_DOWN datagrams, relay messages
+            (wire.decode_relay_datagram, wire.decode_relay_message)[target - 12](payload)
         elif target >= 10:  # FEATURE_MESSAGE / FEATURE_REQUEST stream bodies
             decoder = (wire.FeatureMessageDecoder, wire.FeatureRequestDecoder)[target - 10](4096)
             decoder.feed(chunks[0], False)
