@@ -39,6 +39,15 @@ def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+def poll(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
+    """Call ``condition`` until it returns something true (returned), failing the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+    return result
+
+
 # --- local meshes -----------------------------------------------------------------------------------
 @pytest.fixture
 def local_mesh(tmp_path: Path) -> list[LocalNode]:
