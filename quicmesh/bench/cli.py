@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
 from quicmesh.bench import IMPLS, MODES
-from quicmesh.bench.runner import BenchOptions, banner, render_csv, render_text, run_bench
+from quicmesh.bench.runner import BenchOptions, banner, render_csv, render_durable, render_text, run_bench
 
 BULK_SIZE = 1024 * 1024
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="event loop of the bench processes (default: uvloop if installed)")
     parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
                         help="give up after this long (default 120)")
+    parser.add_argument("--durable", action="store_true",
+                        help="message mode: also durable messages with sync=normal and sync=full, side by side")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the result as one JSON document")
     output.add_argument("--csv", action="store_true", help="print per-peer and aggregate rows as CSV")
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         args.parser.error(str(error))
     quiet = args.json or args.csv
+    if args.durable:
+        return _run_durable(options, args, quiet)
     if not quiet:
         print(banner(options), flush=True)
     show = _progress_printer() if not quiet else None
@@ -88,6 +93,29 @@ def _run_pubsub(args: argparse.Namespace) -> int:
     results = run_pubsub_bench(options)
     print(json.dumps({"pubsub": results}, indent=2) if args.json or args.csv else render(results))
     return 0
+
+
+def _run_durable(options: BenchOptions, args: argparse.Namespace, quiet: bool) -> int:
+    """Three runs, one after the other: plain messages, durable sync=normal, durable sync=full."""
+    results = []
+    for durable in (None, "normal", "full"):
+        run_options = dataclasses.replace(options, durable=durable)
+        try:
+            run_options.check()
+        except ValueError as error:
+            args.parser.error(str(error))
+        if not quiet:
+            print(banner(run_options) + (f", durable sync={durable}" if durable else ""), flush=True)
+        results.append(run_bench(run_options))
+        if not quiet:
+            print(render_text(results[-1]), flush=True)
+    if args.json:
+        print(json.dumps({"durable_comparison": results}, indent=2))
+    elif args.csv:
+        print("\n".join(render_csv(result) for result in results))
+    else:
+        print(render_durable(results))
+    return 1 if any(p["timed_out"] for result in results for p in result["senders"]) else 0
 
 
 def _progress_printer() -> Any:

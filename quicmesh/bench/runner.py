@@ -34,6 +34,7 @@ class BenchOptions:
     loop: str = "auto"
     timeout: float = DEFAULT_TIMEOUT
     host: str = "127.0.0.1"
+    durable: str | None = None  # message mode: durable messages with [storage] sync = "normal" or "full"
 
     def check(self) -> None:
         if self.mode not in ("datagram", "message", "request", "bulk"):
@@ -50,6 +51,8 @@ class BenchOptions:
                 self.msgs = 64
         if not self.host.startswith("127."):
             raise ValueError("bench runs on the loopback range 127.0.0.0/8 only")
+        if self.durable is not None and (self.mode != "message" or self.impl != "quicmesh"):
+            raise ValueError("--durable is for `quicmesh bench message` with --impl quicmesh")
         self.loop = resolve_loop(self.loop)
 
 
@@ -142,7 +145,7 @@ async def _orchestrate(options: BenchOptions, configs: dict[str, Path], senders:
                        progress: Callable[[str], None] | None) -> dict[str, Any]:
     timeout = options.timeout if options.duration is None else options.duration + 30.0
     base = {"impl": options.impl, "mode": options.mode, "size": options.size, "rate": None, "loop": options.loop,
-            "duration": options.duration, "timeout": timeout}
+            "duration": options.duration, "timeout": timeout, "durable": options.durable, "tmp": str(tmp)}
     workers: list[_Worker] = []
     try:
         jobs = {"recv": {**base, "name": "recv", "role": "recv", "config": str(configs["recv"]), "peers": senders,
@@ -222,6 +225,8 @@ def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
         latency = _merge_latency([p["latency_us"] for p in peers])
         latency_kind = {"message": "send to acknowledgement", "request": "request to reply",
                         "bulk": "chunk send to acknowledgement"}[mode]
+        if options.durable:  # the rate counts until the last one was delivered (the outbox drained)
+            latency_kind = f"durable send to commit in the outbox, sync={options.durable}"
     return {
         "schema": 1,
         "impl": options.impl,
@@ -232,6 +237,7 @@ def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
         "duration": options.duration,
         "rate": options.rate,
         "peers": options.peers,
+        "durable": options.durable,
         "senders": peers,
         "aggregate": {
             "sent": total_sent,
@@ -326,3 +332,17 @@ def render_csv(result: dict[str, Any]) -> str:
         rows.append(row(peer["peer"], peer, peer["latency_us"] or {}))
     rows.append(row("aggregate", result["aggregate"], lat))
     return "\n".join(rows)
+
+
+def render_durable(results: list[dict[str, Any]]) -> str:
+    """`bench message --durable`: the non-durable run beside sync=normal and sync=full."""
+    plain = results[0]["aggregate"]["msgs_per_s"] or 0.0
+    lines = [f"  {'':<20}{'msgs/s':>10}{'of plain':>10}{'p50 us':>10}{'p99 us':>10}  latency"]
+    for result in results:
+        rate, lat = result["aggregate"]["msgs_per_s"], result["latency_us"] or {}
+        share = f"{rate / plain:.0%}" if rate and plain else "-"
+        kind = "send to ack by the peer" if result["durable"] is None else "send to commit (delivered: rate)"
+        name = "message" if result["durable"] is None else f"durable sync={result['durable']}"
+        lines.append(f"  {name:<20}{_num(rate):>10}{share:>10}{_num(lat.get('p50')):>10}{_num(lat.get('p99')):>10}"
+                     f"  {kind}")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from quicmesh.bench.common import HEADER, Samples, emit, now, percentiles, run_on
@@ -132,6 +133,11 @@ class QuicmeshImpl:
         config = load_config(self.job["config"])
         wanted = set(self.job["peers"])
         config = dataclasses.replace(config, peers=tuple(p for p in config.peers if p.name in wanted))
+        if self.job.get("durable"):  # durable messages: each node its own database in the bench's folder
+            from quicmesh.config import StorageSection
+
+            storage = StorageSection(path=Path(self.job["tmp"]) / f"{self.job['name']}.db", sync=self.job["durable"])
+            config = dataclasses.replace(config, storage=storage)
         self.node = Node(config)
         await self.node.start()
         if self.receiver is not None:
@@ -168,7 +174,15 @@ class QuicmeshImpl:
         return 0
 
     async def send_message(self, peer: str, payload: bytes) -> None:
-        await self.node.send(peer, payload)
+        await self.node.send(peer, payload, durable=bool(self.job.get("durable")))
+
+    async def drain(self) -> None:
+        """Durable messages: wait until the outbox is empty (every one committed by the receiving node)."""
+        from quicmesh.durable.feature import DurableMessages
+
+        durable = self.node.features.find(DurableMessages)
+        while durable.status()["outbox_messages"]:
+            await asyncio.sleep(0.005)
 
     async def request(self, peer: str, payload: bytes) -> bytes:
         return await self.node.request(peer, payload, timeout=10.0)
@@ -266,6 +280,8 @@ async def run_sender(impl: Any, job: dict[str, Any]) -> dict[str, Any]:
                     progress.count = sent
 
             await asyncio.gather(*(worker() for _ in range(window)))
+            if job.get("durable"):
+                await impl.drain()
         elif mode == "request":
             while sent < total:
                 t = now()

@@ -53,7 +53,7 @@ def test_store_matches_the_model_across_restarts_and_crashes(tmp_path_factory: p
     path = tmp_path_factory.mktemp("store") / "state.db"
 
     async def run() -> None:
-        store = Store(path, "normal")
+        store = Store(path, "normal", floor_step=1)
         opened = await store.open()
         origin = 7
         outbox: dict[int, tuple[str, bytes]] = {}  # seq -> (peer, body): the model's pending rows
@@ -93,7 +93,7 @@ def test_store_matches_the_model_across_restarts_and_crashes(tmp_path_factory: p
                 await store.close()
                 if op == "crash":
                     _crash_inside_a_transaction(path)
-                store = Store(path, "normal")
+                store = Store(path, "normal", floor_step=1)
                 reopened = await store.open()
                 assert reopened.store_id == opened.store_id
                 assert [(row.id, row.body) for row in reopened.unacked] == sorted(unacked.items())
@@ -142,8 +142,9 @@ def test_expired_and_purged_rows_leave_and_are_reported(tmp_path: Path) -> None:
 
 
 def test_acknowledged_rows_below_the_floor_are_pruned_and_still_recognised(tmp_path: Path) -> None:
+    """floor_step=1: the floor is stored (and the inbox pruned) as soon as it moves."""
     async def run() -> None:
-        store = Store(tmp_path / "state.db")
+        store = Store(tmp_path / "state.db", floor_step=1)
         await store.open()
         ids = [await store.receive("beta", 5, seq, 1, b"m", time.time()) for seq in range(1, 11)]
         for inbox_id in ids[:8]:
@@ -155,7 +156,7 @@ def test_acknowledged_rows_below_the_floor_are_pruned_and_still_recognised(tmp_p
         left = [row[0] for row in connection.execute("SELECT seq FROM inbox ORDER BY seq")]
         connection.close()
         assert left == [9, 10, 11]
-        store = Store(tmp_path / "state.db")
+        store = Store(tmp_path / "state.db", floor_step=1)
         opened = await store.open()
         assert [row.id for row in opened.unacked] == [ids[8], ids[9], ids[9] + 1]
         for seq in (1, 5, 9, 11):  # resends of pruned and of kept rows alike are duplicates
@@ -223,3 +224,17 @@ def test_frame_decoder_raises_only_protocol_error(data: bytes) -> None:
     except ProtocolError:
         return
     assert frame.floor <= frame.seq
+
+
+def test_duplicates_between_floor_steps_are_still_recognised(tmp_path: Path) -> None:
+    """With the default step the floor is stored rarely; the UNIQUE key catches every repeat meanwhile."""
+    async def run() -> None:
+        store = Store(tmp_path / "state.db")
+        await store.open()
+        for seq in range(1, 301):
+            assert await store.receive("beta", 5, seq, seq, b"m", time.time()) is not None
+        for seq in (1, 100, 255, 256, 300):
+            assert await store.receive("beta", 5, seq, 300, b"m", time.time()) is None
+        await store.close()
+
+    asyncio.run(run())
