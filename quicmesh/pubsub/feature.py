@@ -137,6 +137,7 @@ class PubSub(FeatureBase):
 
     async def publish(self, subject: str, data: bytes, *, reliable: bool = False) -> int:
         """Send ``data`` on ``subject``; returns how many nodes (this one included) it was handed to."""
+        self._settings()  # a reloaded config re-checks what peers may receive before anything goes out
         plan = self._plan(subject)
         data = bytes(data)
         self.counters.published += 1

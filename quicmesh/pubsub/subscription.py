@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from quicmesh.errors import QuicmeshError
+from quicmesh.runtime.inbox import woken_from
 
 if TYPE_CHECKING:
     from quicmesh.pubsub.feature import PubSub
@@ -110,13 +111,7 @@ class Subscription:
     async def wait_room(self) -> None:
         """Until :meth:`offer` would take a message (or the subscription closed)."""
         while self.full() and not self.closed:
-            waiter = asyncio.get_running_loop().create_future()
-            self._room.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            await woken_from(self._room)
 
     def _call(self, msg: Msg) -> None:
         assert self.handler is not None
@@ -149,13 +144,7 @@ class Subscription:
         while not self._items:
             if self.closed:
                 raise StopAsyncIteration
-            waiter = asyncio.get_running_loop().create_future()
-            self._readers.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            await woken_from(self._readers)
         msg = self._items.popleft()
         _wake_one(self._room)
         return msg
