@@ -28,6 +28,7 @@ from quicmesh.config import (
     LogSection,
     NodeSection,
     PeerConfig,
+    PubSubSection,
     RelaySection,
     ServiceConfig,
     StorageSection,
@@ -257,7 +258,7 @@ ERROR_CASES = [
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
     (_set("database", {}), "database: unknown section (known sections: node, tls, peers, limits, timers, control, "
-                                "log, security, metrics, health, storage, relay, services, forwards)"),
+                                "log, security, metrics, health, storage, pubsub, relay, services, forwards)"),
     (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [metrics] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
@@ -588,7 +589,7 @@ def test_example_config_parses_and_documents_every_key() -> None:
     classes = {"node": NodeSection, "tls": TlsSection, "peers": PeerConfig, "limits": Limits,
                "timers": Timers, "control": ControlSection, "log": LogSection,
                "security": SecuritySection, "metrics": MetricsSection, "health": HealthSection,
-               "storage": StorageSection, "relay": RelaySection, "services": ServiceConfig,
+               "storage": StorageSection, "relay": RelaySection, "pubsub": PubSubSection, "services": ServiceConfig,
                "forwards": ForwardConfig}
     assert set(classes) == set(sections)
     assert _keys_by_section(text) == {
