@@ -118,8 +118,8 @@ def test_kill_start_pause_restart_keep_addresses(echo):
 
 OWNER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-from containers import cluster as harness
+sys.path.insert(0, sys.argv[1])  # the repository root: the harness is tests/containers/cluster.py
+from tests.containers import cluster as harness
 with harness.Cluster(2, prefix="qmharness", entrypoint="sleep", command=["600"], pki=False) as c:
     print(c.name, flush=True)
     time.sleep(600)
