@@ -258,7 +258,7 @@ ERROR_CASES = [
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
     (_set("database", {}), "database: unknown section (known sections: node, tls, peers, limits, timers, control, "
-                                "log, security, metrics, health, storage, pubsub, relay, services, forwards)"),
+                                "log, security, metrics, health, storage, relay, pubsub, services, forwards)"),
     (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [metrics] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
