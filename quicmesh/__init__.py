@@ -17,10 +17,13 @@ from quicmesh.errors import __all__ as _errors_all
 
 if TYPE_CHECKING:
     from quicmesh.config import Config, load_config
+    from quicmesh.durable.feature import DurableReceived
+    from quicmesh.pubsub.subscription import Subscription
     from quicmesh.runtime.node import Node, PeerEvent, PeerStatus, Received
 
 __version__ = "0.1.0"
-__all__ = ["Config", "Node", "PeerEvent", "PeerStatus", "Received", "load_config", *_errors_all]
+__all__ = ["Config", "DurableReceived", "Node", "PeerEvent", "PeerStatus", "Received", "Subscription", "load_config",
+           *_errors_all]
 
 _LAZY = {
     "Config": "quicmesh.config",
@@ -29,6 +32,8 @@ _LAZY = {
     "PeerEvent": "quicmesh.runtime.node",
     "PeerStatus": "quicmesh.runtime.node",
     "Received": "quicmesh.runtime.node",
+    "DurableReceived": "quicmesh.durable.feature",
+    "Subscription": "quicmesh.pubsub.subscription",
 }
 
 

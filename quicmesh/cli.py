@@ -23,7 +23,7 @@ from quicmesh.commands import talk
 from quicmesh.commands.common import (EXIT_BAD_USAGE, EXIT_FAILED, EXIT_OK, WHERE_HELP, config_path, count, error,
                                       load, node_socket, seconds)
 from quicmesh.errors import ConfigError, QuicmeshError
-from quicmesh.ops.control import NodeUnreachableError, fetch_status
+from quicmesh.ops.control import FEATURE_MODULES, NodeUnreachableError, fetch_status
 from quicmesh.ops.health import ALL_PEERS, MinPeers, Verdict, parse_min_peers
 from quicmesh.ops.logs import FORMATS, LEVELS
 from quicmesh.ops.status import exit_code, problem_summary, render, status_rule
@@ -73,10 +73,6 @@ def _min_peers(text: str) -> MinPeers:
         return parse_min_peers(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-#: Modules whose ``add_commands(command, target)`` adds a feature's subcommands (one line per feature).
-FEATURE_COMMANDS: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli")
 
 
 def build_parser() -> _Parser:
@@ -153,7 +149,7 @@ def build_parser() -> _Parser:
 
     # Each feature's commands live with the feature: its module's add_commands(command, target) adds them
     # (argparse only at import: a client command must not load aioquic or cryptography).
-    for module in FEATURE_COMMANDS:
+    for module in FEATURE_MODULES:
         importlib.import_module(module).add_commands(command, target)
     return parser
 

@@ -1,7 +1,7 @@
 """Operators' view of durable messages: `quicmesh outbox [--json]`, `quicmesh outbox purge PEER [--yes]`,
 and the control ops behind them ("outbox", "outbox_purge"; docs/CONTROL.md).
 
-Imported by the CLI (quicmesh.cli.FEATURE_COMMANDS), which registers the ops in the `quicmesh run` process
+Imported by the CLI (quicmesh.ops.control.FEATURE_MODULES), which registers the ops in the `quicmesh run` process
 too. Light: argparse and the control client; the node's feature is looked up only inside the ops.
 """
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import importlib
 import itertools
 import json
 import logging
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from quicmesh.errors import (DatagramTooLargeError, MessageTooLargeError, NodeClosedError, OutboxFullError,
-                             PeerNotConnectedError, QuicmeshError, RemoteError, RequestTimeoutError, StorageError,
-                             UnknownPeerError)
+from quicmesh.errors import (DatagramTooLargeError, InvalidSubjectError, MessageTooLargeError, NodeClosedError,
+                             NoRespondersError, OutboxFullError, PeerNotConnectedError, PublishError, QuicmeshError,
+                             RemoteError, RequestTimeoutError, StorageError, UnknownPeerError)
 from quicmesh.ops.health import ALL_PEERS, MinPeers
 from quicmesh.ops.logs import fields
 from quicmesh.ops.socket_paths import MAX_SOCKET_PATH_BYTES, socket_path_fits
@@ -68,7 +69,8 @@ class BadRequestError(ControlError):
 # Node errors a client re-raises as the same type, so Python callers can catch them precisely.
 _REMOTE_TYPES: dict[str, type[QuicmeshError]] = {cls.__name__: cls for cls in (
     UnknownPeerError, PeerNotConnectedError, DatagramTooLargeError, MessageTooLargeError,
-    RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError, StorageError, OutboxFullError)}
+    RequestTimeoutError, RemoteError, NodeClosedError, BadRequestError, StorageError, OutboxFullError,
+    NoRespondersError, PublishError, InvalidSubjectError)}
 
 
 def socket_from_environment() -> tuple[str, str] | None:
@@ -120,6 +122,8 @@ class ControlServer:
         self.unclaimed = 0        # received datagrams/messages no client was listening for
 
     async def start(self) -> None:
+        for module in FEATURE_MODULES:  # their control ops, however the daemon was started
+            importlib.import_module(module)
         """Bind the socket owner-only; replace a stale socket file, refuse if another daemon answers."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._remove_stale_socket()
@@ -180,14 +184,14 @@ class ControlServer:
         return build_status(self.node, started=self.started, control=self.stats(), min_peers=self.min_peers)
 
     # --- what the node hands us ---
-    def publish_received(self, peer: str, kind: str, data: bytes) -> None:
+    def publish_received(self, peer: str, kind: str, data: bytes) -> bool:
+        """Offer a received item to the listening clients; False if none was listening (or all were full)."""
         listeners = [c for c in self._clients if kind in c.kinds]
         if not listeners:
             self.unclaimed += 1
-            return
+            return False
         line = encode({"event": "received", "peer": peer, "kind": kind, "data": b64encode(data)})
-        for client in listeners:
-            client.offer(line)
+        return any([client.offer(line) for client in listeners])
 
     def publish_peer(self, peer: str, kind: str, reason: str | None) -> None:
         line = encode({"event": "peer", "peer": peer, "kind": kind, "reason": reason})
@@ -440,9 +444,14 @@ _OPS: dict[str, ControlOp] = {
 }
 
 
+#: Each feature's operator module: its import registers the feature's control ops (register_ops), and its
+#: ``add_commands(command, target)`` adds the feature's CLI subcommands. Light: argparse and this module only.
+FEATURE_MODULES: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli")
+
+
 def register_ops(ops: dict[str, ControlOp]) -> None:
     """A feature adds its control ops (each ``async def op(client, request) -> dict``; ``client.server.node``
-    is the node). Called by the feature's module when the daemon wires it; a name already taken raises."""
+    is the node), at the import of its module in FEATURE_MODULES; a name already taken raises."""
     taken = sorted(set(ops) & set(_OPS))
     if taken:
         raise ValueError(f"control ops already defined: {', '.join(taken)}")

@@ -22,6 +22,7 @@ from typing import Any
 
 from quicmesh.config import Config, load_config
 from quicmesh.errors import ConfigError, IdentityError, QuicmeshError
+from quicmesh.durable.feature import DurableReceived
 from quicmesh.forwarding.forwarder import Forwarder
 from quicmesh.ops import logs
 from quicmesh.ops.control import ControlServer, socket_path
@@ -261,8 +262,12 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward_received(self) -> None:
+        """Received items to the control socket's listeners. A durable message is acknowledged once a listener
+        has taken it; with none listening it stays unacknowledged, and comes again after a restart."""
         async for item in self.node.received():
-            self.control.publish_received(item.peer, item.kind, item.data)
+            taken = self.control.publish_received(item.peer, item.kind, item.data)
+            if taken and isinstance(item, DurableReceived):
+                item.ack().add_done_callback(_log_ack_failure)
 
     async def _watch_files(self) -> None:
         """Reload when a TLS file has a new version, once the files stay still a moment (a renew writes the
@@ -304,3 +309,8 @@ def run(config_path: str | os.PathLike[str], config: Config, **log_override: str
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+def _log_ack_failure(ack: asyncio.Future[None]) -> None:
+    if not ack.cancelled() and ack.exception() is not None:
+        log.error("durable ack not committed", extra=fields(event="durable_ack_failed", error=str(ack.exception())))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from quicmesh.errors import QuicmeshError
-from quicmesh.ops.control import SOCKET_ENV, ControlClient, NodeUnreachableError, fetch_status
+from quicmesh.ops.control import SOCKET_ENVS, ControlClient, NodeUnreachableError, fetch_status
 from quicmesh.ops.status import exit_code, problem_summary, render
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
@@ -90,7 +90,8 @@ def make_local_mesh(directory: Path, names: Iterable[str] = NAMES[:3], mesh: str
 def start_node(node: LocalNode, *args: str) -> subprocess.Popen[bytes]:
     """Start `quicmesh run` for ``node`` in its own session (a Ctrl-C meant for us does not reach it),
     logging to ``node.log``."""
-    env = {k: v for k, v in os.environ.items() if k not in (SOCKET_ENV, "NOTIFY_SOCKET")}
+    # Each node its own socket and config: no inherited QUICMESH_SOCKET, QUICMESH_CONTROL_SOCKET or QUICMESH_CONFIG.
+    env = {k: v for k, v in os.environ.items() if k not in (*SOCKET_ENVS, "QUICMESH_CONFIG", "NOTIFY_SOCKET")}
     with open(node.log, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "quicmesh", "run", "-c", str(node.config), *args],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)

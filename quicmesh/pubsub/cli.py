@@ -2,7 +2,7 @@
 and `quicmesh request --subject` (in commands/talk.py, through :func:`request_subject`); the control ops
 behind them ("publish", "subscribe", "request_subject"; docs/CONTROL.md).
 
-Imported by the CLI (quicmesh.cli.FEATURE_COMMANDS), which registers the ops in the `quicmesh run` process
+Imported by the CLI (quicmesh.ops.control.FEATURE_MODULES), which registers the ops in the `quicmesh run` process
 too. Light: argparse and the control client; the node's feature is looked up only inside the ops.
 """
 

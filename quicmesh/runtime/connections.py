@@ -245,6 +245,7 @@ class Connections:
         log.info("peer connected" if not was_up else "peer connection replaced", extra={
             "event": "peer_connected" if not was_up else "peer_connection_replaced", "peer": peer_name,
             "address": format_address(address), "fingerprint": connection.fingerprint,
+            "path": f"via {connection.relay}" if connection.relay else "direct",
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None})
         if connection.hello is not None:
             self._feature_host.peer_ready(peer_name, connection.hello.epoch)

@@ -185,8 +185,9 @@ class Node:
         connections.endpoint = self._endpoint = endpoint
         ctx.touch = _toucher(endpoint)
         ctx.state = "running"
-        log.info("node %s started: mesh %s, listening on %s, fingerprint %s, %d peers", self.name, self.mesh,
-                 format_address(self.listen_address), self.fingerprint, len(ctx.peers))
+        log.info("endpoint started", extra={"event": "endpoint_started", "node": self.name, "mesh": self.mesh,
+                                        "listen": format_address(self.listen_address),
+                                        "fingerprint": self.fingerprint, "peers": len(ctx.peers)})
         connections.tick()
         self._relay.start()
 
@@ -229,7 +230,7 @@ class Node:
         self._events.close()
         if self._durable is not None:
             await self._durable.close()
-        log.info("node %s stopped (%s)", self.name, reason)
+        log.info("endpoint stopped", extra={"event": "endpoint_stopped", "node": self.name, "reason": reason})
 
     # --- datagrams ------------------------------------------------------------------------------
     def send_datagram(self, peer: str, data: bytes) -> None:
