@@ -213,6 +213,12 @@ class BareImpl:
     def datagrams_dropped(self, peer: str) -> int:
         return 0
 
+    def paths(self) -> dict[str, str | None]:
+        return {}  # no mesh, no relaying: one direct connection
+
+    async def rtts(self) -> dict[str, float]:
+        return {}
+
     async def send_message(self, peer: str, payload: bytes) -> None:
         protocol = self.protocol
         assert protocol is not None

@@ -9,7 +9,16 @@ import sys
 from typing import Any
 
 from quicmesh.bench import IMPLS, MODES
-from quicmesh.bench.runner import BenchOptions, banner, render_csv, render_durable, render_text, run_bench
+from quicmesh.bench.runner import (
+    RELAY_DATAGRAM_SIZE,
+    BenchOptions,
+    banner,
+    render_csv,
+    render_durable,
+    render_relayed,
+    render_text,
+    run_bench,
+)
 
 BULK_SIZE = 1024 * 1024
 
@@ -22,6 +31,8 @@ nodes, each node in its own process. Modes:
   bulk      large reliable messages (--size default 1 MiB, 8 in flight); MB/s
   pubsub    subjects: fan-out to 1 and to 3 subscriber nodes, then requests by subject (--msgs per run)
 --impl bare runs the same with bare aioquic (the baseline of `python -m quicmesh.bench.compare`).
+--relayed runs it twice: direct, then through a relay node (sender and receiver have each other's address
+wrong and reach each other only through it), both with max_datagram_size 1452; prints both side by side.
 uvloop is used when installed (pip install 'quicmesh[fast]'); --loop asyncio forces the stock loop.
 """
 
@@ -43,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give up after this long (default 120)")
     parser.add_argument("--durable", action="store_true",
                         help="message mode: also durable messages with sync=normal and sync=full, side by side")
+    parser.add_argument("--relayed", action="store_true",
+                        help="direct and then through a third (relay) node, side by side")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the result as one JSON document")
     output.add_argument("--csv", action="store_true", help="print per-peer and aggregate rows as CSV")
@@ -51,10 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> BenchOptions:
     size = args.size if args.size is not None else (BULK_SIZE if args.mode == "bulk" else 100)
     return BenchOptions(mode=args.mode, impl=args.impl, msgs=args.msgs, duration=args.duration, size=size,
-                        rate=args.rate, peers=args.peers, loop=args.loop, timeout=args.timeout)
+                        rate=args.rate, peers=args.peers, loop=args.loop, timeout=args.timeout,
+                        relayed=args.relayed)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mode == "pubsub" and args.relayed:
+        args.parser.error("--relayed is for the datagram, message, request and bulk modes")
     if args.mode == "pubsub":
         return _run_pubsub(args)
     options = options_from(args)
@@ -65,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json or args.csv
     if args.durable:
         return _run_durable(options, args, quiet)
+    if args.relayed:
+        return _run_relayed(options, args, quiet)
     if not quiet:
         print(banner(options), flush=True)
     show = _progress_printer() if not quiet else None
@@ -80,6 +98,44 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(p["timed_out"] for p in result["senders"]) else 0
 
 
+def _run_durable(options: BenchOptions, args: argparse.Namespace, quiet: bool) -> int:
+    """Three runs, one after the other: plain messages, durable sync=normal, durable sync=full."""
+    runs = [(f", durable sync={durable}" if durable else "", dataclasses.replace(options, durable=durable))
+            for durable in (None, "normal", "full")]
+    return _run_series(runs, args, quiet, "durable_comparison", render_durable)
+
+
+def _run_relayed(options: BenchOptions, args: argparse.Namespace, quiet: bool) -> int:
+    """Two runs with the same settings: direct, then through a relay node."""
+    direct = dataclasses.replace(options, relayed=False, max_datagram_size=RELAY_DATAGRAM_SIZE)
+    runs = [(", direct", direct), (", through a relay node", dataclasses.replace(direct, relayed=True))]
+    return _run_series(runs, args, quiet, "relayed_comparison", render_relayed)
+
+
+def _run_series(runs: list[tuple[str, BenchOptions]], args: argparse.Namespace, quiet: bool, key: str,
+                render: Any) -> int:
+    """Runs one after the other (each labelled in its banner), then ``render`` puts them side by side."""
+    for _, run_options in runs:  # all checked before the first starts
+        try:
+            run_options.check()
+        except ValueError as error:
+            args.parser.error(str(error))
+    results = []
+    for label, run_options in runs:
+        if not quiet:
+            print(banner(run_options) + label, flush=True)
+        results.append(run_bench(run_options))
+        if not quiet:
+            print(render_text(results[-1]), flush=True)
+    if args.json:
+        print(json.dumps({key: results}, indent=2))
+    elif args.csv:
+        print("\n".join(render_csv(result) for result in results))
+    else:
+        print(render(results))
+    return 1 if any(p["timed_out"] for result in results for p in result["senders"]) else 0
+
+
 def _run_pubsub(args: argparse.Namespace) -> int:
     from quicmesh.bench.pubsub import PubSubBenchOptions, render, run_pubsub_bench
 
@@ -93,29 +149,6 @@ def _run_pubsub(args: argparse.Namespace) -> int:
     results = run_pubsub_bench(options)
     print(json.dumps({"pubsub": results}, indent=2) if args.json or args.csv else render(results))
     return 0
-
-
-def _run_durable(options: BenchOptions, args: argparse.Namespace, quiet: bool) -> int:
-    """Three runs, one after the other: plain messages, durable sync=normal, durable sync=full."""
-    results = []
-    for durable in (None, "normal", "full"):
-        run_options = dataclasses.replace(options, durable=durable)
-        try:
-            run_options.check()
-        except ValueError as error:
-            args.parser.error(str(error))
-        if not quiet:
-            print(banner(run_options) + (f", durable sync={durable}" if durable else ""), flush=True)
-        results.append(run_bench(run_options))
-        if not quiet:
-            print(render_text(results[-1]), flush=True)
-    if args.json:
-        print(json.dumps({"durable_comparison": results}, indent=2))
-    elif args.csv:
-        print("\n".join(render_csv(result) for result in results))
-    else:
-        print(render_durable(results))
-    return 1 if any(p["timed_out"] for result in results for p in result["senders"]) else 0
 
 
 def _progress_printer() -> Any:

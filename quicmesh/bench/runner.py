@@ -18,6 +18,9 @@ from quicmesh.ops.demo import free_udp_ports
 from quicmesh.bench.common import MIN_SIZE, resolve_loop
 
 READY_TIMEOUT = 45.0
+#: Outer connections must carry a relayed 1,200-byte QUIC packet plus the relay header (docs/RELAY.md).
+RELAY_DATAGRAM_SIZE = 1452
+RELAY = "relay"
 EXIT_TIMEOUT = 10.0
 DEFAULT_TIMEOUT = 120.0
 
@@ -35,6 +38,10 @@ class BenchOptions:
     timeout: float = DEFAULT_TIMEOUT
     host: str = "127.0.0.1"
     durable: str | None = None  # message mode: durable messages with [storage] sync = "normal" or "full"
+    #: through a third node: the sender and the receiver have each other's address wrong, so they reach each
+    #: other only through a relay node (quicmesh/relay), which every one of them reaches directly
+    relayed: bool = False
+    max_datagram_size: int | None = None  # limits.max_datagram_size of every node (None: the default)
 
     def check(self) -> None:
         if self.mode not in ("datagram", "message", "request", "bulk"):
@@ -53,6 +60,10 @@ class BenchOptions:
             raise ValueError("bench runs on the loopback range 127.0.0.0/8 only")
         if self.durable is not None and (self.mode != "message" or self.impl != "quicmesh"):
             raise ValueError("--durable is for `quicmesh bench message` with --impl quicmesh")
+        if self.relayed and (self.impl != "quicmesh" or self.durable is not None):
+            raise ValueError("--relayed is for --impl quicmesh, without --durable")
+        if self.relayed and (self.max_datagram_size or 0) < RELAY_DATAGRAM_SIZE:
+            self.max_datagram_size = RELAY_DATAGRAM_SIZE
         self.loop = resolve_loop(self.loop)
 
 
@@ -136,7 +147,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     options.check()
     with tempfile.TemporaryDirectory(prefix="quicmesh-bench-") as tmp:
         senders = [f"send{i + 1}" for i in range(options.peers)]
-        configs = make_bench_mesh(Path(tmp) / "mesh", ["recv", *senders], options.host)
+        names = ["recv", *senders, *([RELAY] if options.relayed else [])]
+        configs = make_bench_mesh(Path(tmp) / "mesh", names, options.host)
         raw = asyncio.run(_orchestrate(options, configs, senders, Path(tmp), progress))
     return summarize(options, raw)
 
@@ -145,21 +157,29 @@ async def _orchestrate(options: BenchOptions, configs: dict[str, Path], senders:
                        progress: Callable[[str], None] | None) -> dict[str, Any]:
     timeout = options.timeout if options.duration is None else options.duration + 30.0
     base = {"impl": options.impl, "mode": options.mode, "size": options.size, "rate": None, "loop": options.loop,
-            "duration": options.duration, "timeout": timeout, "durable": options.durable, "tmp": str(tmp)}
+            "duration": options.duration, "timeout": timeout, "durable": options.durable, "tmp": str(tmp),
+            "max_datagram_size": options.max_datagram_size, "ping": options.relayed}
+    relay = [RELAY] if options.relayed else []
     workers: list[_Worker] = []
     try:
-        jobs = {"recv": {**base, "name": "recv", "role": "recv", "config": str(configs["recv"]), "peers": senders,
-                         "msgs": None}}
+        jobs = {"recv": {**base, "name": "recv", "role": "recv", "config": str(configs["recv"]),
+                         "peers": senders + relay, "unreachable": senders if relay else [], "msgs": None}}
         per_sender, extra = divmod(options.msgs or 0, len(senders))
         for index, name in enumerate(senders):
-            jobs[name] = {**base, "name": name, "role": "send", "config": str(configs[name]), "peers": ["recv"],
+            jobs[name] = {**base, "name": name, "role": "send", "config": str(configs[name]),
+                          "peers": ["recv", *relay], "unreachable": ["recv"] if relay else [],
                           "target": "recv", "msgs": (per_sender + (index < extra)) if options.msgs else None,
                           "rate": (options.rate / len(senders)) if options.rate else None}
+        if relay:
+            jobs[RELAY] = {**base, "name": RELAY, "role": RELAY, "config": str(configs[RELAY]),
+                           "peers": ["recv", *senders], "unreachable": [], "msgs": None}
         for name, job in jobs.items():
             workers.append(await _spawn(name, job, open(tmp / f"{name}.stderr", "w+")))
         ready = await asyncio.gather(*(w.expect("ready", READY_TIMEOUT) for w in workers))
         loop_kind = ready[0].get("loop", "?")
-        receiver, sender_workers = workers[0], workers[1:]
+        receiver, sender_workers = workers[0], workers[1:1 + len(senders)]
+        paths = {w.name: event.get("paths", {}) for w, event in zip(workers, ready)}
+        _check_paths(options, senders, paths)
         started = time.monotonic()
         for worker in sender_workers:
             worker.say("go")
@@ -176,13 +196,27 @@ async def _orchestrate(options: BenchOptions, configs: dict[str, Path], senders:
         received = await receiver.expect("done", 15.0)
         for worker in sender_workers:
             worker.say("stop")
-        return {"senders": sent_results, "receiver": received, "loop": loop_kind}
+        raw = {"senders": sent_results, "receiver": received, "loop": loop_kind, "paths": paths,
+               "rtt": {w.name: event.get("rtt", {}) for w, event in zip(workers, ready)}}
+        if relay:
+            workers[-1].say("stop")
+            raw["relay"] = (await workers[-1].expect("done", 15.0)).get("relay")
+        return raw
     finally:
         for worker in workers:
             worker.say("stop")
         await asyncio.gather(*(w.finish() for w in workers), return_exceptions=True)
         for worker in workers:
             worker.stderr.close()
+
+
+def _check_paths(options: BenchOptions, senders: list[str], paths: dict[str, dict[str, str | None]]) -> None:
+    """A relayed run whose traffic went direct (or the other way round) would measure the wrong thing."""
+    wanted = f"via {RELAY}" if options.relayed else "direct"
+    for name in senders:
+        path = paths.get(name, {}).get("recv")
+        if path is not None and path != wanted:  # None: bare aioquic, which has no paths
+            raise RuntimeError(f"bench process {name} reaches recv {path}, not {wanted}")
 
 
 def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +272,12 @@ def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
         "rate": options.rate,
         "peers": options.peers,
         "durable": options.durable,
+        "relayed": options.relayed,
+        "max_datagram_size": options.max_datagram_size,
+        "paths": raw.get("paths", {}),
+        "rtt_us": {name: {peer: rtt * 1e6 for peer, rtt in rtts.items() if rtt is not None}
+                   for name, rtts in raw.get("rtt", {}).items()},
+        "relay": raw.get("relay"),
         "senders": peers,
         "aggregate": {
             "sent": total_sent,
@@ -346,3 +386,40 @@ def render_durable(results: list[dict[str, Any]]) -> str:
         lines.append(f"  {name:<20}{_num(rate):>10}{share:>10}{_num(lat.get('p50')):>10}{_num(lat.get('p99')):>10}"
                      f"  {kind}")
     return "\n".join(lines)
+
+
+def render_relayed(results: list[dict[str, Any]]) -> str:
+    """`bench MODE --relayed`: direct beside relayed, and the issue's targets: relayed >= 50 % of direct
+    throughput; added p50 <= one extra hop's RTT + 300 us (see :func:`hop_rtt_us`)."""
+    direct, relayed = results
+    lines = [f"  {'':<12}{'msgs/s':>10}{'of direct':>11}{'p50 us':>10}{'p99 us':>10}  latency ({direct['latency_kind']})"]
+    for result in results:
+        rate, lat = result["aggregate"]["msgs_per_s"], result["latency_us"] or {}
+        share = f"{rate / direct['aggregate']['msgs_per_s']:.0%}" if rate and direct["aggregate"]["msgs_per_s"] else "-"
+        name = "via relay" if result["relayed"] else "direct"
+        lines.append(f"  {name:<12}{_num(rate):>10}{share:>11}{_num(lat.get('p50')):>10}{_num(lat.get('p99')):>10}")
+    rates = direct["aggregate"]["msgs_per_s"], relayed["aggregate"]["msgs_per_s"]
+    if all(rates):
+        verdict = "met" if rates[1] >= 0.5 * rates[0] else "NOT met"
+        lines.append(f"  throughput: relayed {rates[1] / rates[0]:.0%} of direct (target >= 50 %: {verdict})")
+    added, hop = added_p50_us(direct, relayed), hop_rtt_us(direct)
+    if added is not None and hop is not None:
+        verdict = "met" if added <= hop + 300 else "NOT met"
+        ping = relayed["rtt_us"].get(relayed["senders"][0]["peer"], {}).get(RELAY)
+        lines.append(f"  added p50: {added:,.0f} us; one hop's RTT {hop:,.0f} us (from the direct run; median "
+                     f"QUIC PING sender -> relay {_num(ping)} us) -> target <= {hop + 300:,.0f} us: {verdict}")
+    return "\n".join(lines)
+
+
+def added_p50_us(direct: dict[str, Any], relayed: dict[str, Any]) -> float | None:
+    p50s = [(result["latency_us"] or {}).get("p50") for result in (direct, relayed)]
+    return None if None in p50s else p50s[1] - p50s[0]
+
+
+def hop_rtt_us(direct: dict[str, Any]) -> float | None:
+    """One hop's round trip under the same load, from the direct run: its p50 for the round-trip modes, twice
+    its p50 for datagrams (one-way). On loopback the relay's hops are the same kind of hop."""
+    p50 = (direct["latency_us"] or {}).get("p50")
+    if p50 is None:
+        return None
+    return 2 * p50 if direct["mode"] == "datagram" else p50

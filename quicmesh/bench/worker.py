@@ -30,6 +30,10 @@ BARE_BULK_WINDOW = 2
 QUIET = 0.3
 QUIET_MAX = 3.0
 CONNECT_TIMEOUT = 30.0
+#: Where a relayed bench's sender and receiver believe each other to be: the discard port, where nothing
+#: listens on loopback, so each reaches the other only through the relay.
+UNREACHABLE_PORT = 9
+PING_COUNT = 21
 SETTLE = 0.5
 PROGRESS_EVERY = 1.0
 _HEADER_SIZE = HEADER.size
@@ -127,12 +131,17 @@ class QuicmeshImpl:
         self.node: Any = None
 
     async def start(self) -> None:
-        from quicmesh.config import load_config
+        from quicmesh.config import Address, load_config
         from quicmesh.runtime.node import Node
 
         config = load_config(self.job["config"])
-        wanted = set(self.job["peers"])
-        config = dataclasses.replace(config, peers=tuple(p for p in config.peers if p.name in wanted))
+        wanted, unreachable = set(self.job["peers"]), set(self.job.get("unreachable", ()))
+        peers = tuple(dataclasses.replace(p, address=Address(p.address.host, UNREACHABLE_PORT))
+                      if p.name in unreachable else p for p in config.peers if p.name in wanted)
+        config = dataclasses.replace(config, peers=peers)
+        if self.job.get("max_datagram_size"):
+            limits = dataclasses.replace(config.limits, max_datagram_size=self.job["max_datagram_size"])
+            config = dataclasses.replace(config, limits=limits)
         if self.job.get("durable"):  # durable messages: each node its own database in the bench's folder
             from quicmesh.config import StorageSection
 
@@ -186,6 +195,28 @@ class QuicmeshImpl:
 
     async def request(self, peer: str, payload: bytes) -> bytes:
         return await self.node.request(peer, payload, timeout=10.0)
+
+    def paths(self) -> dict[str, str | None]:
+        return {status.name: status.path for status in self.node.peers()}
+
+    async def rtts(self) -> dict[str, float]:
+        """Each peer's round-trip time (seconds, median of PING_COUNT QUIC PINGs) before traffic starts: a
+        relayed peer's spans both hops; the relay's is one hop's (the relayed bench's latency target)."""
+        medians = {}
+        for name in self.job["peers"]:
+            samples = []
+            for _ in range(PING_COUNT):  # timed here: Node.ping's own figure has the loop clock's granularity
+                started = now()
+                await self.node.ping(name)
+                samples.append(now() - started)
+            medians[name] = sorted(samples)[len(samples) // 2]
+        return medians
+
+    def relay_status(self) -> dict[str, Any]:
+        from quicmesh.relay.feature import RelayFeature
+
+        status = self.node.features.find(RelayFeature).status()
+        return {"circuits_open": status["circuits_open"], **status["counters"]}
 
     async def close(self) -> None:
         await self.node.stop()
@@ -326,10 +357,14 @@ async def main(job: dict[str, Any]) -> int:
     except TimeoutError:
         emit("error", message=f"{job['name']}: not connected within {CONNECT_TIMEOUT:g}s")
         return 1
-    emit("ready", loop=type(asyncio.get_running_loop()).__module__, pid=os.getpid())
+    emit("ready", loop=type(asyncio.get_running_loop()).__module__, pid=os.getpid(), paths=impl.paths(),
+         rtt=await impl.rtts() if job.get("ping") else {})
     limit = job["timeout"]
     try:
-        if receiver is None:
+        if job["role"] == "relay":  # forwards the others' packets until told to stop
+            await commands.wait("stop", limit)
+            emit("done", relay=impl.relay_status())
+        elif receiver is None:
             if not await commands.wait("go", limit):
                 emit("error", message=f"{job['name']}: no go")
                 return 1

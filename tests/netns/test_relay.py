@@ -194,6 +194,14 @@ async def listen(socket: Path, tally: Tally) -> None:
                 tally.other.append({**event, "data": data})
 
 
+async def start_listening(socket: Path) -> tuple[Tally, asyncio.Task[None]]:
+    """A listener on a node's control socket (cancel the task to stop it), once it has subscribed."""
+    tally = Tally()
+    task = asyncio.create_task(listen(socket, tally))
+    await asyncio.sleep(0.3)
+    return tally, task
+
+
 class Sender:
     """Sends ``msg-NNNNNN`` messages a -> c through a's control socket, WINDOW awaiting their ack at once."""
 
@@ -256,9 +264,7 @@ def test_blocked_pair_talks_through_the_relay(net: Topology, directory: Path) ->
         await mesh.wait_path("a", "c", "via b", timeout=30)
         await mesh.wait_path("c", "a", "via b", timeout=10)
         assert await mesh.path("a", "b") == "direct" and await mesh.path("c", "b") == "direct"
-        tally = Tally()
-        listening = asyncio.create_task(listen(mesh.socket("c"), tally))
-        await asyncio.sleep(0.3)  # the listener subscribed
+        tally, listening = await start_listening(mesh.socket("c"))
         async with await ControlClient.connect(mesh.socket("a")) as client:
             sender = Sender(client, "c")
             started = time.monotonic()
@@ -299,9 +305,7 @@ def test_failover_to_the_relay_and_back_loses_and_duplicates_nothing(net: Topolo
     async def scenario() -> None:
         await mesh.wait_path("a", "c", "direct", timeout=30)
         await mesh.wait_path("c", "a", "direct", timeout=10)
-        tally = Tally()
-        listening = asyncio.create_task(listen(mesh.socket("c"), tally))
-        await asyncio.sleep(0.3)
+        tally, listening = await start_listening(mesh.socket("c"))
         async with await ControlClient.connect(mesh.socket("a")) as client:
             sender = Sender(client, "c")
             await sender.send(2000, timeout=60)
@@ -396,8 +400,7 @@ def test_tampering_relay_gets_no_connection_and_delivers_nothing(net: Topology, 
     async def scenario() -> None:
         await mesh.wait_path("a", "b", "direct", timeout=30)
         await mesh.wait_path("c", "b", "direct", timeout=10)
-        tally = Tally()
-        listening = asyncio.create_task(listen(mesh.socket("c"), tally))
+        tally, listening = await start_listening(mesh.socket("c"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # circuits are opened and retried meanwhile; none may carry a connection
             assert await mesh.path("a", "c") is None and await mesh.path("c", "a") is None
@@ -434,9 +437,7 @@ def test_relay_that_starts_tampering_delivers_nothing_garbled(net: Topology, dir
 
     async def scenario() -> None:
         await mesh.wait_path("a", "c", "via b", timeout=30)
-        tally = Tally()
-        listening = asyncio.create_task(listen(mesh.socket("c"), tally))
-        await asyncio.sleep(0.3)
+        tally, listening = await start_listening(mesh.socket("c"))
         async with await ControlClient.connect(mesh.socket("a")) as client:
             sender = Sender(client, "c")
             await sender.send(100, timeout=30)
