@@ -34,6 +34,7 @@ _TICK = 0.25  # seconds between looks for peers to reach through a relay
 _RETRY_MIN, _RETRY_MAX = 1.0, 30.0  # after a failed attempt to relay to a peer, wait this long (doubling)
 _ASKED = 8  # direct peers asked whom they reach, nearest first
 _UNUSED_PATH = 30.0  # seconds an offered or opened circuit may wait for its first packet
+_SECOND_SIDE_AFTER = 3  # failed direct dials after which the node that sorts second tries a relay too
 #: The outer connections must carry a relayed QUIC packet (1,200 bytes) plus the relay header.
 MIN_OUTER_PAYLOAD = 1200 + wire.RELAY_HEADER_MAX
 
@@ -141,11 +142,18 @@ class RelayFeature(FeatureBase):
             return
         now = time.monotonic()
         connected = set(self._host.connected_peers())
+        me = self._host.node_name
         for peer in self._host.config.peers:
             target = peer.name
-            if target in connected or target in self._attempting or now < self._retry.get(target, (0.0, 0.0))[0]:
+            if target in connected:
+                self._retry.pop(target, None)  # reached (directly or not): a later loss starts a fresh backoff
                 continue
-            if self._host.dial_state(target) not in ("backoff", "rejected"):  # the direct dial has not failed yet
+            if target in self._attempting or now < self._retry.get(target, (0.0, 0.0))[0]:
+                continue
+            failures = self._host.direct_failures(target)
+            # Once a direct dial failed. The node whose name sorts first goes first, as its relayed connection is
+            # the one both keep; the other follows if that does not come (its relays may differ, or it may not use any).
+            if not failures or (me > target and failures < _SECOND_SIDE_AFTER):
                 continue
             self._attempting.add(target)
             self._host.spawn(self._reach_through_relay(target))
@@ -155,12 +163,15 @@ class RelayFeature(FeatureBase):
             reason = await self._try_relays(target)
         finally:
             self._attempting.discard(target)
-        if reason is None:  # dialing through the relay: give the handshake its time before another attempt
-            self._retry[target] = (time.monotonic() + self._host.config.timers.handshake_timeout, _RETRY_MIN)
+        wait = self._retry.get(target, (0.0, _RETRY_MIN))[1]
+        if reason is None:
+            # Dialing through the relay: the handshake has its time, and if it fails (a relay that tampers, an end
+            # that refuses) the next attempt backs off further; reaching the peer resets the backoff.
+            wait = max(wait, self._host.config.timers.handshake_timeout)
+            self._retry[target] = (time.monotonic() + wait, min(_RETRY_MAX, wait * 2))
             self.counters.errors.pop(target, None)
             return
         self.counters.attempts_failed += 1
-        wait = self._retry.get(target, (0.0, _RETRY_MIN))[1]
         self._retry[target] = (time.monotonic() + wait, min(_RETRY_MAX, wait * 2))
         if self.counters.errors.get(target) != reason:
             log.warning("cannot reach %s through a relay: %s", target, reason)
@@ -225,7 +236,7 @@ class RelayFeature(FeatureBase):
         """The inner connection ended: tell the relay, which tells the other end."""
         if self._paths.pop((path.relay, path.circuit), None) is None or not self._host.running:
             return
-        self._send(path.relay, Close(path.circuit, "connection closed"))
+        self._send(path.relay, Close(path.circuit, "connection closed", up=True))
 
     # --- the seam ---------------------------------------------------------------------------------
     def peer_lost(self, peer: str, reason: str) -> None:
@@ -265,10 +276,11 @@ class RelayFeature(FeatureBase):
 
     def message_received(self, peer: str, tag: int, data: bytes) -> Awaitable[object] | None:
         message = decode_relay_message(data)
-        if isinstance(message, Close):
+        if isinstance(message, Close) and message.up:  # to us as the relay
             relayed = self._circuits.get(message.circuit)
             if relayed is not None and peer in (relayed.a, relayed.c):
                 self._drop_circuit(relayed, message.reason, notify=True, told_by=peer)
+        elif isinstance(message, Close):  # to us as an end: the relay dropped our circuit
             self._paths.pop((peer, message.circuit), None)
         else:
             raise RelayRefusedError(f"{type(message).__name__} is a request, not a message")
@@ -341,7 +353,7 @@ class RelayFeature(FeatureBase):
         if notify:
             for end in (circuit.a, circuit.c):
                 if end != told_by:
-                    self._send(end, Close(circuit.circuit, reason))
+                    self._send(end, Close(circuit.circuit, reason, up=False))
 
     # --- as the far end -----------------------------------------------------------------------------
     def _offered(self, relay: str, offer: Offer) -> bytes:
@@ -366,7 +378,7 @@ class RelayFeature(FeatureBase):
         for key, path in list(self._paths.items()):
             if path.packets_in == 0 and path.created < deadline:
                 del self._paths[key]
-                self._send(path.relay, Close(path.circuit, "unused"))
+                self._send(path.relay, Close(path.circuit, "unused", up=True))
 
     # --- reachability ----------------------------------------------------------------------------
     def _reach_list(self) -> tuple[tuple[str, int], ...]:

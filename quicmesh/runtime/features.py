@@ -220,11 +220,11 @@ class FeatureHost:
                 direct[name] = connection.quic.smoothed_rtt()
         return direct
 
-    def dial_state(self, peer: str) -> str | None:
-        """The peer manager's state of ``peer`` (idle, connecting, connected, backoff, rejected); None if unknown."""
+    def direct_failures(self, peer: str) -> int:
+        """How many direct dials to ``peer`` failed in a row (0: none yet, or it is connected directly)."""
         if peer not in self._ctx.peers or not self._ctx.running:
-            return None
-        return self._connections.mesh.view(peer, self._ctx.now()).state.value
+            return 0
+        return self._connections.mesh.view(peer, self._ctx.now()).consecutive_failures
 
     def dial_relayed(self, peer: str, path: RelayPath) -> None:
         """Dial ``peer`` through a relay circuit (verified end to end exactly like a direct dial)."""

@@ -325,7 +325,7 @@ class PeerManager:
         p = self._peers.get(peer)
         if p is not None and p.dial_requested_at is not None:
             p.dial_requested_at = None
-            if p.active is None:
+            if not self._directly_up(p):
                 self._fail(p, reason, now, False)
 
     # --- time -----------------------------------------------------------------------------------

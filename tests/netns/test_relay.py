@@ -354,7 +354,7 @@ def test_relay_never_sees_the_plaintext(net: Topology, directory: Path) -> None:
     stop = directory / "capture.stop"
     out = directory / "capture.json"
     capture = subprocess.Popen(
-        ["ip", "netns", "exec", net._switch, sys.executable, "-u", str(HERE / "capture.py"), str(out),
+        ["ip", "netns", "exec", net.switch_namespace, sys.executable, "-u", str(HERE / "capture.py"), str(out),
          canary.hex(), str(stop), "60"], stdout=subprocess.PIPE)
     try:
         assert capture.stdout is not None and capture.stdout.readline().strip() == b"ready"

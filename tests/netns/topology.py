@@ -132,6 +132,11 @@ class Topology:
     def address(self, host: str) -> str:
         return self.hosts[host].address
 
+    @property
+    def switch_namespace(self) -> str:
+        """The namespace of the bridge: every frame between the hosts crosses it (captures look there)."""
+        return self._switch
+
     # --- faults -------------------------------------------------------------------------------
     def block(self, a: str, b: str) -> None:
         """Drop every packet between ``a`` and ``b`` (both directions, at both ends); others unaffected."""

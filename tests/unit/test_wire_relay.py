@@ -34,7 +34,7 @@ rtts = st.integers(0, MAX_VARINT)
 messages = st.one_of(
     st.builds(Connect, names),
     st.builds(Offer, names, circuits),
-    st.builds(Close, circuits, st.text(st.characters(max_codepoint=0x7F), max_size=512)),
+    st.builds(Close, circuits, st.text(st.characters(max_codepoint=0x7F), max_size=512), st.booleans()),
     st.builds(Reach, st.lists(st.tuples(names, rtts), max_size=20).map(tuple)),
 )
 
@@ -50,10 +50,11 @@ def test_datagram_exact_bytes() -> None:
 def test_message_exact_bytes() -> None:
     assert encode_relay_message(Connect("gamma")) == b"\x01gamma"
     assert encode_relay_message(Offer("alpha", 7)) == b"\x02\x07alpha"
-    assert encode_relay_message(Close(3, "bye")) == b"\x03\x03bye"
+    assert encode_relay_message(Close(3, "bye", up=True)) == b"\x03\x03bye"
+    assert encode_relay_message(Close(3, "bye", up=False)) == b"\x05\x03bye"
     assert encode_relay_message(Reach(())) == b"\x04\x00"
     assert encode_relay_message(Reach((("beta", 1500), ("c", 0)))) == b"\x04\x02\x04beta\x45\xdc\x01c\x00"
-    assert [int(op) for op in RelayOp] == [1, 2, 3, 4]
+    assert sorted(int(op) for op in RelayOp) == [1, 2, 3, 4, 5]
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -77,12 +78,12 @@ def test_reach_of_the_most_entries_round_trips() -> None:
 
 
 def test_close_reason_is_bounded_and_bad_utf8_is_no_error() -> None:
-    encoded = encode_relay_message(Close(1, "x" * 5000))
+    encoded = encode_relay_message(Close(1, "x" * 5000, up=True))
     assert len(encoded) == 2 + 512
-    assert decode_relay_message(encoded) == Close(1, "x" * 512)
-    cut_in_a_character = encode_relay_message(Close(1, "é" * 300))  # 600 bytes: cut to 512 inside no char
+    assert decode_relay_message(encoded) == Close(1, "x" * 512, up=True)
+    cut_in_a_character = encode_relay_message(Close(1, "é" * 300, up=True))  # 600 bytes: cut to 512 inside no char
     assert decode_relay_message(cut_in_a_character).reason.startswith("é" * 256)
-    assert decode_relay_message(b"\x03\x01\xff\xfe") == Close(1, "\ufffd\ufffd")  # a diagnostic, not worth an error
+    assert decode_relay_message(b"\x03\x01\xff\xfe") == Close(1, "\ufffd\ufffd", up=True)  # a diagnostic, not worth an error
 
 
 def test_non_shortest_varints_are_accepted() -> None:
@@ -120,7 +121,7 @@ LONGEST_NAME = b"a" * 63
     (b"", "truncated relay message"),
     (b"\x40", "truncated relay message"),
     (b"\x00gamma", "unknown relay op 0"),
-    (b"\x05gamma", "unknown relay op 5"),
+    (b"\x06gamma", "unknown relay op 6"),
     (encode_varint(MAX_VARINT) + b"x", "unknown relay op"),
     (b"\x01", "names no valid node"),  # Connect to nobody
     (b"\x01Gamma", "names no valid node"),
@@ -169,7 +170,7 @@ def test_datagram_encoder_refuses_bad_values(kind: DatagramKind, circuit: int) -
 @pytest.mark.parametrize("message", [
     Connect("Gamma"), Connect(""), Connect("a" * 64), Connect("gamma.example"),
     Offer("alpha", -1), Offer("alpha", MAX_CIRCUIT_ID + 1), Offer("al pha", 1),
-    Close(-1, "x"), Close(MAX_CIRCUIT_ID + 1, "x"),
+    Close(-1, "x", up=True), Close(MAX_CIRCUIT_ID + 1, "x", up=False),
     Reach((("beta", 1),) * (MAX_REACH_ENTRIES + 1)), Reach((("BETA", 1),)), Reach((("beta", MAX_VARINT + 1),)),
 ])
 def test_message_encoder_refuses_bad_values(message: Connect | Offer | Close | Reach) -> None:

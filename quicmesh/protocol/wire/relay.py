@@ -46,7 +46,9 @@ def decode_relay_datagram(data: bytes) -> tuple[int, int, bytes]:
 class RelayOp(IntEnum):
     CONNECT = 1  # end -> relay (request): open a circuit to ``target``; the response is the circuit id
     OFFER = 2  # relay -> the other end (request): ``source`` wants a circuit ``circuit``; empty response = yes
-    CLOSE = 3  # either way (message): the circuit is done (the relay passes it on to the other end)
+    CLOSE_UP = 3  # an end -> the relay (message): this end is done with the relay's circuit
+    CLOSE_DOWN = 5  # the relay -> an end (message): the circuit through the relay is gone
+    #   (two ops, as RELAY_UP/RELAY_DOWN: a node may hold the same circuit id as a relay and as an end)
     REACH = 4  # a node looking for a relay -> a peer (request, no entries): the answer is a Reach of whom the
     #            peer reaches directly, with the RTT (microseconds)
 
@@ -66,6 +68,7 @@ class Offer:
 class Close:
     circuit: int
     reason: str
+    up: bool  # True: from an end to the relay (CLOSE_UP); False: from the relay to an end (CLOSE_DOWN)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ def encode_relay_message(message: RelayMessage) -> bytes:
     if isinstance(message, Offer):
         return b"".join((encode_varint(RelayOp.OFFER), _circuit(message.circuit), _name(message.source)))
     if isinstance(message, Close):
-        return b"".join((encode_varint(RelayOp.CLOSE), _circuit(message.circuit),
-                         message.reason.encode()[:512]))
+        op = RelayOp.CLOSE_UP if message.up else RelayOp.CLOSE_DOWN
+        return b"".join((encode_varint(op), _circuit(message.circuit), message.reason.encode()[:512]))
     if len(message.peers) > MAX_REACH_ENTRIES:
         raise ValueError(f"Reach of {len(message.peers)} peers (at most {MAX_REACH_ENTRIES})")
     parts = [encode_varint(RelayOp.REACH), encode_varint(len(message.peers))]
@@ -101,9 +104,9 @@ def decode_relay_message(data: bytes) -> RelayMessage:
     if op == RelayOp.OFFER:
         circuit = _read_circuit(reader)
         return Offer(_read_name(reader.rest()), circuit)
-    if op == RelayOp.CLOSE:
+    if op == RelayOp.CLOSE_UP or op == RelayOp.CLOSE_DOWN:
         circuit = _read_circuit(reader)
-        return Close(circuit, reader.text())
+        return Close(circuit, reader.text(), up=op == RelayOp.CLOSE_UP)
     if op == RelayOp.REACH:
         count = reader.varint()
         if count > MAX_REACH_ENTRIES or count > reader.remaining():
