@@ -128,6 +128,11 @@ class PubSub(FeatureBase):
         self._interest_changed()
         return subscription
 
+    def node_stopping(self) -> None:
+        """End every subscription: its iterator finishes once what is waiting has been read."""
+        for subscription in list(self._subscriptions):
+            subscription.close()
+
     def unsubscribe(self, subscription: Subscription) -> None:
         if self._subscriptions.pop(subscription, False) is False:
             return

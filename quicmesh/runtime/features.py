@@ -60,6 +60,9 @@ class Feature(Protocol):
         """A request for one of your tags: the response body (or an awaitable of it). Raising sends the
         caller a RemoteError."""
 
+    def node_stopping(self) -> None:
+        """The node is stopping: end what the application waits on (iterators, pending calls)."""
+
 
 class FeatureBase:
     """Do-nothing defaults for :class:`Feature`: a feature overrides what it uses."""
@@ -85,6 +88,9 @@ class FeatureBase:
 
     def request_received(self, peer: str, tag: int, data: bytes) -> Awaitable[bytes] | bytes:
         raise QuicmeshError(f"{type(self).__name__} takes no requests")
+
+    def node_stopping(self) -> None:
+        pass
 
 
 class FeatureError(QuicmeshError):
@@ -248,6 +254,10 @@ class FeatureHost:
     def peer_lost(self, peer: str, reason: str) -> None:
         for feature in self._features:
             feature.peer_lost(peer, reason)
+
+    def node_stopping(self) -> None:
+        for feature in self._features:
+            feature.node_stopping()
 
     def control_received(self, peer: str, epoch: int, frame: object) -> bool:
         """Hand a control frame to its owner; False if no feature owns its type."""

@@ -228,6 +228,7 @@ class Node:
         connections.by_id.clear()
         self._inbox.close()
         self._events.close()
+        self.features.node_stopping()
         if self._durable is not None:
             await self._durable.close()
         log.info("endpoint stopped", extra={"event": "endpoint_stopped", "node": self.name, "reason": reason})

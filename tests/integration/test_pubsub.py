@@ -304,3 +304,20 @@ async def test_interest_floods_are_bounded_and_resynced(tmp_path: Path) -> None:
     finally:
         for node in nodes.values():
             await node.stop()
+
+
+async def test_a_subscription_ends_when_its_node_stops(tmp_path: Path) -> None:
+    """The seam's node_stopping: an iterator left open ends (after what was waiting) instead of waiting forever."""
+    configs = make_mesh(tmp_path / "mesh", ["alpha", "beta"])
+    alpha = Node(configs["alpha"])
+    await alpha.start()
+    subscription = alpha.subscribe("news.>")
+    await alpha.publish("news.today", b"read me")
+
+    async def read_all() -> list[bytes]:
+        return [msg.data async for msg in subscription]
+
+    reader = asyncio.ensure_future(read_all())
+    await asyncio.sleep(0.05)
+    await alpha.stop()
+    assert await asyncio.wait_for(reader, 5) == [b"read me"]
