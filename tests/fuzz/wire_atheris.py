@@ -13,12 +13,13 @@ import atheris
 with atheris.instrument_imports():
     from quicmesh.protocol import wire
     from quicmesh.pubsub import frames as pubsub_frames
+    from quicmesh.durable import frame as durable_frame
     from quicmesh.errors import ProtocolError
 
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 13)
+    target = fdp.ConsumeIntInRange(0, 14)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -30,6 +31,8 @@ def one_input(data: bytes) -> None:
             wire.read_stream_type(payload, bidirectional=end)
         elif target == 6:
             wire.decode_datagram_batch(payload)
+        elif target == 14:  # durable: the DURABLE feature message body
+            durable_frame.decode_durable(payload)
         elif target >= 12:  # relay: RELAY_UP/RELAY_DOWN datagrams, relay messages
             (wire.decode_relay_datagram, wire.decode_relay_message)[target - 12](payload)
         elif target >= 10:  # FEATURE_MESSAGE / FEATURE_REQUEST stream bodies
