@@ -4,11 +4,11 @@ The NATS counterpart of a :mod:`.pubsub` worker, with the same lines on stdin/st
 (sequence number and send time, then padding): it connects to the bench's nats-server over TLS with a client
 certificate, says ``ready`` (a subscriber or responder once the server has its subscription), then
 
-- ``pub``: publishes ``msgs`` messages after ``go``, yielding whenever the client holds
-  :data:`~.worker.DATAGRAM_HIGH_WATER` messages unsent (the bound quicmesh's publisher keeps), and reports
-  ``done``;
+- ``pub``: publishes ``msgs`` messages after ``go`` with :mod:`.pubsub`'s own loop (yielding whenever the
+  client holds :data:`~.worker.DATAGRAM_HIGH_WATER` messages unsent, the bound quicmesh's publisher keeps),
+  and reports ``done``;
 - ``sub``: counts what arrives (one-way latency from the payload) until ``stop``, then reports ``done``;
-- ``request``: sends ``msgs`` sequential requests after ``go`` (round trip each), reports ``done``;
+- ``request``: sends ``msgs`` sequential requests after ``go`` with :mod:`.pubsub`'s loop, reports ``done``;
 - ``respond``: echoes every request until ``stop``.
 
 Every wait has a deadline; the client never reconnects.
@@ -25,9 +25,11 @@ from typing import Any
 
 from quicmesh.bench.common import HEADER, Samples, emit, now, percentiles, run_on
 from quicmesh.bench.pubsub import REQUEST_SUBJECT, SUBJECT
-from quicmesh.bench.worker import CONNECT_TIMEOUT, DATAGRAM_BURST, DATAGRAM_HIGH_WATER, QUIET, QUIET_MAX, Commands
+from quicmesh.bench.pubsub import _publish as pubsub_publish
+from quicmesh.bench.pubsub import _request as pubsub_request
+from quicmesh.bench.worker import CONNECT_TIMEOUT, QUIET, QUIET_MAX, Commands
 
-REQUEST_TIMEOUT = 5.0
+FLUSH_TIMEOUT = 5.0
 
 
 def client_tls(job: dict[str, Any]) -> ssl.SSLContext:
@@ -103,40 +105,30 @@ async def _serve(client: Any, job: dict[str, Any], commands: Commands, errors: l
     return 0
 
 
+class _AsNode:
+    """A nats-py client seen as the node :mod:`.pubsub`'s publish and request loops drive, so both sides of the
+    comparison run the very same loops: its backlog is what the client holds unsent, in messages."""
+
+    def __init__(self, client: Any, size: int) -> None:
+        self.client = client
+        self.size = size
+        self.publish = client.publish
+
+    def datagram_backlog(self, _server: str) -> int:
+        return self.client.pending_data_size // self.size
+
+    async def request_subject(self, subject: str, data: bytes, timeout: float) -> bytes:
+        return (await self.client.request(subject, data, timeout=timeout)).data
+
+
 async def _publish(client: Any, job: dict[str, Any]) -> dict[str, Any]:
-    pad = b"\0" * (job["size"] - HEADER.size)
-    high_water = DATAGRAM_HIGH_WATER * job["size"]
-    total = job["msgs"]
-    publish, pack = client.publish, HEADER.pack
-    started = now()
-    deadline = started + job["timeout"]
-    sent = 0
-    while sent < total and now() < deadline:
-        if client.pending_data_size >= high_water:
-            await asyncio.sleep(0)
-            continue
-        for _ in range(min(DATAGRAM_BURST, total - sent)):
-            await publish(SUBJECT, pack(sent, now()) + pad)
-            sent += 1
-        await asyncio.sleep(0)
-    await client.flush(timeout=REQUEST_TIMEOUT)
-    return {"sent": sent, "started": started, "elapsed": now() - started}
+    result = await pubsub_publish(_AsNode(client, job["size"]), {**job, "subscribers": ["nats-server"]})
+    await client.flush(timeout=FLUSH_TIMEOUT)
+    return result
 
 
 async def _request(client: Any, job: dict[str, Any]) -> dict[str, Any]:
-    pad = b"\0" * (job["size"] - HEADER.size)
-    samples = Samples()
-    started = now()
-    deadline = started + job["timeout"]
-    sent = 0
-    while sent < job["msgs"] and now() < deadline:
-        t = now()
-        reply = await client.request(REQUEST_SUBJECT, HEADER.pack(sent, t) + pad, timeout=REQUEST_TIMEOUT)
-        samples.add(now() - t)
-        if len(reply.data) != job["size"]:
-            raise RuntimeError(f"reply of {len(reply.data)} bytes, expected {job['size']}")
-        sent += 1
-    return {"sent": sent, "started": started, "elapsed": now() - started, "latency": percentiles(samples.values)}
+    return await pubsub_request(_AsNode(client, job["size"]), job)
 
 
 if __name__ == "__main__":
