@@ -111,6 +111,9 @@ class NodeCollector(Collector):
                      [([p.name], int(p.state == "connected")) for p in peers])
         yield _gauge("quicmesh_peer_rtt_seconds", "Smoothed round-trip time to the peer.", ("peer",),
                      [([p.name], p.rtt) for p in connected if p.rtt is not None])
+        yield _gauge("quicmesh_peer_relayed", "1 if the peer is reached through a relay (its path is 'via RELAY').",
+                     ("peer", "relay"), [([p.name, (p.path or "")[4:]], 1) for p in connected
+                                         if (p.path or "").startswith("via ")])
         for name, field, help_text in _PEER_COUNTERS:
             yield _counter(name, help_text, ("peer",), [([p.name], (p.counters or {}).get(field, 0)) for p in peers])
         yield _counter("quicmesh_datagrams_dropped_total", "Datagrams to or from the peer dropped, by reason.",
@@ -128,6 +131,7 @@ class NodeCollector(Collector):
         yield _counter("quicmesh_udp_send_errors_total", "UDP sends that failed (the packet was lost).", (),
                        [([], udp["send_errors"])])
         yield from self._guard()
+        yield from self._relay()
         yield from self._credentials()
 
     def _guard(self) -> Iterator[Metric]:
@@ -144,6 +148,24 @@ class NodeCollector(Collector):
                      [([], guard.get("pending_handshakes", 0))])
         yield _counter("quicmesh_stray_packets_total", "Packets for no connection that were not Initials.", (),
                        [([], guard.get("stray_packets", 0))])
+
+    def _relay(self) -> Iterator[Metric]:
+        from quicmesh.relay.feature import RelayFeature  # light; a running node has it loaded
+
+        relay = self.node.features.find(RelayFeature)
+        if relay is None:
+            return
+        counters = relay.counters
+        yield _gauge("quicmesh_relay_circuits", "Circuits through this node (it relays them).", (),
+                     [([], relay.status()["circuits_open"])])
+        yield _counter("quicmesh_relay_bytes_total", "Bytes this node relayed for others.", (),
+                       [([], counters.bytes_relayed)])
+        yield _counter("quicmesh_relay_circuits_total", "Circuits this node was asked for, by outcome.", ("outcome",),
+                       [(["opened"], counters.circuits_opened), (["refused"], counters.circuits_refused)])
+        yield _counter("quicmesh_relay_dropped_total", "Relayed packets dropped, by reason.", ("reason",),
+                       [(["over_budget"], counters.dropped_over_budget),
+                        (["unknown_circuit"], counters.dropped_unknown_circuit),
+                        (["queue_full"], counters.dropped_queue_full)])
 
     def _credentials(self) -> Iterator[Metric]:
         dates = self.dates()

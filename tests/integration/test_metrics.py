@@ -12,6 +12,8 @@ from quicmesh import Node
 from quicmesh.ops.credential_watch import CredentialDates
 from quicmesh.ops.metrics import MetricsServer, render
 from quicmesh.ops.status import build_status, guard_line, header
+
+NO_FEATURES = SimpleNamespace(find=lambda feature_type: None)  # a node with no feature plugged in
 from quicmesh.ops.status import render as render_status
 
 
@@ -76,7 +78,7 @@ def test_credential_warnings_for_node_ca_and_crl() -> None:
     fine = CredentialDates(now + timedelta(days=31), now + timedelta(days=31), now + timedelta(days=1))
     assert fine.warnings(now) == []
     text = render(SimpleNamespace(name="solo", peers=lambda: [], rejections=(), rejection_count=0,
-                                  guard_status=lambda: None,
+                                  guard_status=lambda: None, features=NO_FEATURES,
                                   socket_counters=lambda: {"packets_in": 0, "packets_out": 0, "send_errors": 0}),
                   now=now, dates=dates)
     assert 'quicmesh_credential_warning{kind="crl_stale"} 1.0' in text
@@ -88,7 +90,7 @@ def test_render_before_start_without_peers() -> None:
     """A node not started yet has no guard and a socket that counted nothing."""
     expiry = datetime(2030, 1, 1, tzinfo=timezone.utc)
     node = SimpleNamespace(name="solo", peers=lambda: [], cert_not_after=expiry, ca_not_after=expiry,
-                           rejections=(), rejection_count=0, guard_status=lambda: None,
+                           rejections=(), rejection_count=0, guard_status=lambda: None, features=NO_FEATURES,
                            socket_counters=lambda: {"packets_in": 0, "packets_out": 0, "send_errors": 0})
     text = render(node, now=datetime(2029, 12, 31, tzinfo=timezone.utc))
     assert 'quicmesh_peers_connected{node="solo"} 0' in text

@@ -19,6 +19,7 @@ from meshkit import make_mesh, with_limits, with_timers
 from udpproxy import UdpRelay
 from quicmesh import DatagramTooLargeError, Node, RemoteError
 from quicmesh.config import Address, Config
+from quicmesh.ops.metrics import render
 from quicmesh.ops.status import build_status
 from quicmesh.protocol import wire
 from quicmesh.protocol.wire.relay import Connect, encode_relay_message
@@ -368,3 +369,17 @@ async def test_a_close_for_one_role_leaves_the_other_roles_circuit_alone(tmp_pat
             paths.add(path(beta, "delta"))
             await asyncio.sleep(0.05)
         assert paths == {"via alpha"}
+
+
+async def test_metrics_show_the_relayed_path_and_the_relays_work(tmp_path: Path) -> None:
+    configs = relay_mesh(tmp_path, ["alpha", "beta", "gamma"], broken=(("alpha", "gamma"),))
+    async with running(configs) as nodes:
+        await relayed(nodes["alpha"], nodes["gamma"], via="beta")
+        await nodes["alpha"].send("gamma", b"counted")
+        at_alpha, at_beta = render(nodes["alpha"]), render(nodes["beta"])
+        assert 'quicmesh_peer_relayed{peer="gamma",relay="beta"} 1.0' in at_alpha
+        assert 'peer="beta"' not in at_alpha.split("quicmesh_peer_relayed")[1].split("# HELP")[0]  # direct
+        assert "quicmesh_relay_circuits 1.0" in at_beta
+        assert 'quicmesh_relay_circuits_total{outcome="opened"} 1.0' in at_beta
+        relayed_bytes = re.search(r"^quicmesh_relay_bytes_total (\S+)$", at_beta, re.M)
+        assert relayed_bytes is not None and float(relayed_bytes.group(1)) > 0
