@@ -43,7 +43,7 @@ from quicmesh.protocol.identity import (
 from quicmesh.protocol.names import is_valid_name, validate_name
 
 from pki import PkiError
-from pki.defaults import (  # noqa: F401  (re-exported: they were defined here before pki.defaults)
+from pki.defaults import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
     DEFAULT_INTERMEDIATE_DAYS,

@@ -10,7 +10,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,29 +199,38 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 async def _listen(path: Path, args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else ["datagram", "message"]
-    count = 0
     async with await ControlClient.connect(path) as client:
         node = await client.listen(kinds)
         print(f"quicmesh: listening on {node} for {' and '.join(k + 's' for k in kinds)} (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
-        try:
-            async with asyncio.timeout(args.timeout):
-                async for event in client.events():
-                    if event.get("event") == "dropped":
-                        print(f"quicmesh: warning: {event.get('count')} items dropped: this listener "
-                              "reads too slowly", file=sys.stderr, flush=True)
-                    elif event.get("event") == "received":
-                        if args.json:
-                            line = json.dumps({k: event.get(k) for k in ("peer", "kind", "data")})
-                        else:
-                            line = f"{event['peer']} {event['kind']} {show_data(base64.b64decode(event['data']))}"
-                        print(line, flush=True)
-                        count += 1
-                        if count == args.count:
-                            return EXIT_OK
-        except TimeoutError:
-            pass
-    return EXIT_FAILED if args.count else EXIT_OK
+
+        def line(event: dict[str, Any]) -> str:
+            if args.json:
+                return json.dumps({k: event.get(k) for k in ("peer", "kind", "data")})
+            return f"{event['peer']} {event['kind']} {show_data(base64.b64decode(event['data']))}"
+
+        return await print_events(client, "received", line, args.count, args.timeout, what="items", who="listener")
+
+
+async def print_events(client: ControlClient, kind: str, line: Callable[[dict[str, Any]], str], count: int | None,
+                       timeout: float | None, *, what: str, who: str) -> int:
+    """Print each ``kind`` event as ``line(event)`` until ``count`` of them or ``timeout``: the exit code
+    (EXIT_FAILED when a count was asked for and the timeout came first); warns when events were dropped."""
+    printed = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for event in client.events():
+                if event.get("event") == "dropped":
+                    print(f"quicmesh: warning: {event.get('count')} {what} dropped: this {who} reads too slowly",
+                          file=sys.stderr, flush=True)
+                elif event.get("event") == kind:
+                    print(line(event), flush=True)
+                    printed += 1
+                    if printed == count:
+                        return EXIT_OK
+    except TimeoutError:
+        pass
+    return EXIT_FAILED if count else EXIT_OK
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from quicmesh.commands.common import EXIT_FAILED, EXIT_OK, count, node_socket, seconds
+from quicmesh.commands.common import EXIT_OK, count, node_socket, seconds
 from quicmesh.ops.control import (REPLY_TIMEOUT, BadRequestError, ControlClient, NodeUnreachableError, _data,
                                   _text, b64encode, encode, register_ops)
 
@@ -65,36 +65,23 @@ def _cmd_pub(args: argparse.Namespace) -> int:
 
 
 def _cmd_sub(args: argparse.Namespace) -> int:
-    from quicmesh.commands.talk import show_data
+    from quicmesh.commands.talk import print_events, show_data
 
     path = node_socket(args)[0]
 
+    def line(event: dict[str, Any]) -> str:
+        if args.json:
+            return json.dumps({k: event.get(k) for k in ("subject", "peer", "data")})
+        return f"{event['subject']} {event['peer']} {show_data(base64.b64decode(event['data']))}"
+
     async def subscribe() -> int:
-        received = 0
         async with await ControlClient.connect(path) as client:
             node = (await client.call("subscribe", subject=args.subject, queue=args.queue))["node"]
             group = f" in queue group {args.queue}" if args.queue else ""
             print(f"quicmesh: subscribed to {args.subject}{group} on {node} (Ctrl-C to stop)", file=sys.stderr,
                   flush=True)
-            try:
-                async with asyncio.timeout(args.timeout):
-                    async for event in client.events():
-                        if event.get("event") == "dropped":
-                            print(f"quicmesh: warning: {event.get('count')} messages dropped: this subscriber "
-                                  "reads too slowly", file=sys.stderr, flush=True)
-                        elif event.get("event") == "published":
-                            if args.json:
-                                line = json.dumps({k: event.get(k) for k in ("subject", "peer", "data")})
-                            else:
-                                data = show_data(base64.b64decode(event["data"]))
-                                line = f"{event['subject']} {event['peer']} {data}"
-                            print(line, flush=True)
-                            received += 1
-                            if received == args.count:
-                                return EXIT_OK
-            except TimeoutError:
-                pass
-        return EXIT_FAILED if args.count else EXIT_OK
+            return await print_events(client, "published", line, args.count, args.timeout, what="messages",
+                                      who="subscriber")
 
     return asyncio.run(subscribe())
 

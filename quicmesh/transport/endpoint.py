@@ -234,15 +234,11 @@ class Endpoint:
             self._loop.call_soon(self._flush_dirty)
 
     def _accept_relayed(self, data: bytes, path: RelayPath) -> Link | None:
-        if len(data) < _SMALLEST_INITIAL or not data[0] & 0x80:
-            self.stray_packets += 1
+        header = self._long_header(data)
+        if header is None:
             return None
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-        except ValueError:
-            self.stray_packets += 1
-            return None
-        if header.packet_type != QuicPacketType.INITIAL or header.version not in self._supported_versions:
+        if (len(data) < _SMALLEST_INITIAL or header.packet_type != QuicPacketType.INITIAL
+                or header.version not in self._supported_versions):
             self.stray_packets += 1
             return None
         link = self._register(self._make_server_connection(header.destination_cid, None, path), dialed=False,
@@ -377,13 +373,8 @@ class Endpoint:
 
     def _accept(self, data: bytes, addr: Address, now: float) -> Link | None:
         """A packet for no known connection: start a server connection if it is a valid Initial."""
-        if not data[0] & 0x80:
-            self.stray_packets += 1
-            return None
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-        except ValueError:
-            self.stray_packets += 1
+        header = self._long_header(data)
+        if header is None:
             return None
         if (
             header.packet_type != QuicPacketType.VERSION_NEGOTIATION
@@ -423,6 +414,16 @@ class Endpoint:
         self._route(link, header.destination_cid)
         self._handler.link_accepted(link)
         return link
+
+    def _long_header(self, data: bytes) -> QuicHeader | None:
+        """The header of a long-header packet (Initial, Handshake...); None, counted as stray, otherwise."""
+        if data[0] & 0x80:
+            try:
+                return pull_quic_header(Buffer(data=data), host_cid_length=8)
+            except ValueError:
+                pass
+        self.stray_packets += 1
+        return None
 
     def _guard_initial(self, header: QuicHeader, addr: Address, now: float) -> tuple[bytes, bytes | None] | None:
         """Rate limits, pending-handshake cap and Retry for a new-connection Initial; None drops it."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -273,7 +272,7 @@ async def test_interest_follows_reconnects_and_restarts(tmp_path: Path) -> None:
         nodes["alpha"] = alpha = Node(configs["alpha"])
         await alpha.start()
         await alpha.wait_connected(timeout=15)
-        fresh = alpha.subscribe("fresh.*")
+        alpha.subscribe("fresh.*")
         await until(lambda: pubsub(nodes["beta"])._remote.entries("alpha") == {("fresh.*", "")})
     finally:
         for node in nodes.values():
