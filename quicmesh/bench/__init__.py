@@ -5,7 +5,9 @@
 - :mod:`.worker` is one such process (``python -m quicmesh.bench.worker JOB``): a quicmesh node, or a
   bare-aioquic endpoint with the same settings (:mod:`.bare`);
 - :mod:`.cli` is the ``quicmesh bench`` glue; :mod:`.compare` runs quicmesh and bare aioquic for every figure
-  of issue 7 in one go and prints the ratios; :mod:`.meshscale` times an N-node full mesh.
+  of issue 7 in one go and prints the ratios; :mod:`.meshscale` times an N-node full mesh;
+- :mod:`.nats`, :mod:`.nats_worker` and :mod:`.nats_compare`: a throwaway nats-server with TLS client
+  certificates and nats-py processes, for ``compare --nats`` (pub/sub fan-out and requests beside NATS).
 
 Every loop here is bounded in count and in time.
 """
