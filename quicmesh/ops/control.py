@@ -184,14 +184,17 @@ class ControlServer:
         return build_status(self.node, started=self.started, control=self.stats(), min_peers=self.min_peers)
 
     # --- what the node hands us ---
-    def publish_received(self, peer: str, kind: str, data: bytes) -> bool:
-        """Offer a received item to the listening clients; False if none was listening (or all were full)."""
+    def publish_received(self, peer: str, kind: str, data: bytes,
+                         written: Callable[[], None] | None = None) -> bool:
+        """Offer a received item to the listening clients; False if none was listening (or all were full).
+        ``written`` is called once, when the first listener's copy has been written to its socket."""
         listeners = [c for c in self._clients if kind in c.kinds]
         if not listeners:
             self.unclaimed += 1
             return False
         line = encode({"event": "received", "peer": peer, "kind": kind, "data": b64encode(data)})
-        return any([client.offer(line) for client in listeners])
+        once = _once(written) if written is not None else None
+        return any([client.offer(line, once) for client in listeners])
 
     def publish_peer(self, peer: str, kind: str, reason: str | None) -> None:
         line = encode({"event": "peer", "peer": peer, "kind": kind, "reason": reason})
@@ -228,7 +231,7 @@ class _Client:
         self.kinds: frozenset[str] = frozenset()  # event kinds this client listens to
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._events: collections.deque[bytes] = collections.deque()
+        self._events: collections.deque[tuple[bytes, Callable[[], None] | None]] = collections.deque()
         self._event_bytes = 0
         self._events_ready = asyncio.Event()
         self._dropped = 0  # drops not yet reported to this client
@@ -263,15 +266,18 @@ class _Client:
                                                 "disconnected"))
         self.writer.close()
 
-    async def write(self, line: bytes) -> None:
+    async def write(self, line: bytes) -> bool:
+        """True once the line is in the socket (drained); False if the client is gone."""
         async with self._write_lock:
             if self.writer.is_closing():
-                return
+                return False
             self.writer.write(line)
             try:
                 await self.writer.drain()
             except ConnectionError:
                 self.writer.close()
+                return False
+            return True
 
     async def _answer(self, line: bytes) -> None:
         """Handle one request line and write its reply (with the request's ``id``, if it had one)."""
@@ -307,14 +313,15 @@ class _Client:
         if self._pump is None:
             self._pump = asyncio.create_task(self._write_events())
 
-    def offer(self, line: bytes) -> bool:
-        """Queue an event line; drop (and count) it if this client is too far behind."""
+    def offer(self, line: bytes, written: Callable[[], None] | None = None) -> bool:
+        """Queue an event line (``written`` is called once it is in the socket); drop (and count) it if this
+        client is too far behind."""
         if self._events and (len(self._events) >= EVENT_QUEUE_LINES
                              or self._event_bytes + len(line) > EVENT_QUEUE_BYTES):
             self._dropped += 1
             self.server.events_dropped += 1
             return False
-        self._events.append(line)
+        self._events.append((line, written))
         self._event_bytes += len(line)
         self._events_ready.set()
         return True
@@ -324,12 +331,13 @@ class _Client:
             while not self._events:
                 self._events_ready.clear()
                 await self._events_ready.wait()
-            line = self._events.popleft()
+            line, written = self._events.popleft()
             self._event_bytes -= len(line)
             if self._dropped:
                 dropped, self._dropped = self._dropped, 0
                 await self.write(encode({"event": "dropped", "count": dropped}))
-            await self.write(line)
+            if await self.write(line) and written is not None:
+                written()
 
     async def ask(self, request_number: int, peer: str, data: bytes) -> bytes:
         """Pass a peer's request to this serving client and wait for its ``reply`` op."""
@@ -447,6 +455,18 @@ _OPS: dict[str, ControlOp] = {
 #: Each feature's operator module: its import registers the feature's control ops (register_ops), and its
 #: ``add_commands(command, target)`` adds the feature's CLI subcommands. Light: argparse and this module only.
 FEATURE_MODULES: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli")
+
+
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            callback()
+
+    return call
 
 
 def register_ops(ops: dict[str, ControlOp]) -> None:

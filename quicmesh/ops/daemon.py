@@ -11,6 +11,7 @@ with WATCHDOG_USEC set (``WatchdogSec=``) it pings systemd's watchdog at half th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -262,12 +263,14 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward_received(self) -> None:
-        """Received items to the control socket's listeners. A durable message is acknowledged once a listener
-        has taken it; with none listening it stays unacknowledged, and comes again after a restart."""
+        """Received items to the control socket's listeners. A durable message is acknowledged once a listener's
+        copy is written to its socket (a crash before that redelivers it); with no listener it stays
+        unacknowledged, and comes again after a restart."""
         async for item in self.node.received():
-            taken = self.control.publish_received(item.peer, item.kind, item.data)
-            if taken and isinstance(item, DurableReceived):
-                item.ack().add_done_callback(_log_ack_failure)
+            written = None
+            if isinstance(item, DurableReceived):
+                written = functools.partial(_ack, item)
+            self.control.publish_received(item.peer, item.kind, item.data, written)
 
     async def _watch_files(self) -> None:
         """Reload when a TLS file has a new version, once the files stay still a moment (a renew writes the
@@ -309,6 +312,10 @@ def run(config_path: str | os.PathLike[str], config: Config, **log_override: str
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+def _ack(item: DurableReceived) -> None:
+    item.ack().add_done_callback(_log_ack_failure)
 
 
 def _log_ack_failure(ack: asyncio.Future[None]) -> None:
