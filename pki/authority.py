@@ -26,8 +26,6 @@ from quicmesh.errors import IdentityError
 from quicmesh.protocol.dates import as_utc, format_utc
 from quicmesh.protocol.fingerprints import normalize_fingerprint
 from quicmesh.protocol.identity import (
-    URI_PREFIX,
-    NodeIdentity,
     ca_mesh,
     certificate_label,
     fingerprint,
@@ -38,7 +36,6 @@ from quicmesh.protocol.identity import (
     load_crl,
     load_private_key,
     mesh_uri,
-    parse_identity_uri,
 )
 from quicmesh.protocol.names import is_valid_name, validate_name
 
@@ -60,9 +57,7 @@ from pki.layout import (
     CRL,
     ISSUED,
     NODE_CERT,
-    NODE_CSR,
     NODE_KEY,
-    STAGED_SUFFIX,
     refresh_crl_copies,
 )
 
@@ -125,7 +120,7 @@ class CertificateAuthority:
         key = None
         if with_key:
             key = load_private_key(directory / CA_KEY, passphrase)
-            if _public_key_der(key.public_key()) != _public_key_der(cert.public_key()):
+            if public_key_der(key.public_key()) != public_key_der(cert.public_key()):
                 raise PkiError(f"{directory / CA_KEY} is not the key of {cert_path}")
         return cls(directory, cert, mesh, chain, key)
 
@@ -159,7 +154,7 @@ def generate_key(key_type: str) -> PrivateKeyTypes:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _key_pem(key: PrivateKeyTypes, passphrase: bytes | None) -> bytes:
+def key_pem(key: PrivateKeyTypes, passphrase: bytes | None) -> bytes:
     if passphrase is not None and not passphrase:
         raise PkiError("the passphrase is empty")
     encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
@@ -167,7 +162,7 @@ def _key_pem(key: PrivateKeyTypes, passphrase: bytes | None) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def _signature_hash(key: PrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def signature_hash(key: PrivateKeyTypes) -> hashes.HashAlgorithm | None:
     """The hash to sign with: none for EdDSA (built in), SHA-384 to match a P-384 key, else SHA-256."""
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         return None
@@ -176,7 +171,7 @@ def _signature_hash(key: PrivateKeyTypes) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
-def _public_key_der(public_key: object) -> bytes:
+def public_key_der(public_key: object) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -189,7 +184,7 @@ def create_root_ca(directory: Path | str, mesh: str, *, key_type: str = DEFAULT_
     mesh = validate_name(mesh, "mesh")
     check_key_type(key_type)
     now = as_utc(now)
-    not_before, not_after, notes = _validity(None, days, now)
+    not_before, not_after, notes = validity(None, days, now)
     key = generate_key(key_type)
     cert = _sign(subject=_ca_subject(mesh, "root", key), public_key=key.public_key(), issuer=None,
                  signing_key=key, not_before=not_before, not_after=not_after,
@@ -210,14 +205,14 @@ def create_intermediate_ca(directory: Path | str, issuer: CertificateAuthority, 
         raise PkiError(f"the CA in {issuer.directory} may not issue CA certificates (pathLenConstraint 0)")
     check_key_type(key_type)
     now = as_utc(now)
-    not_before, not_after, notes = _validity(issuer, days, now)
+    not_before, not_after, notes = validity(issuer, days, now)
     key = generate_key(key_type)
     cert = _sign(subject=_ca_subject(issuer.mesh, "intermediate", key), public_key=key.public_key(),
                  issuer=issuer, signing_key=issuer.signing_key(), not_before=not_before, not_after=not_after,
                  extensions=_ca_extensions(issuer.mesh, path_length=0))
     issued = _write_ca(directory, issuer.mesh, cert, key, (cert, *issuer.chain), passphrase=passphrase, force=force,
                        now=now, notes=notes)
-    _record_issued(issuer, cert)
+    record_issued(issuer, cert)
     return issued
 
 
@@ -227,22 +222,22 @@ def issue_node_cert(ca: CertificateAuthority, node: str, out_dir: Path | str, *,
     """Write out_dir/node.key (0600) and out_dir/node.crt (leaf, then the CA's intermediates)."""
     node = validate_name(node, "node")
     check_key_type(key_type)
-    alt_names = _node_alt_names(ca.mesh, node, [normalize_dns_name(name) for name in dns],
+    alt_names = node_alt_names(ca.mesh, node, [normalize_dns_name(name) for name in dns],
                                 [parse_ip_address(address) for address in ips])
     now = as_utc(now)
-    not_before, not_after, notes = _validity(ca, days, now)
+    not_before, not_after, notes = validity(ca, days, now)
     out_dir = make_private_dir(Path(out_dir))
     key_path, cert_path = out_dir / NODE_KEY, out_dir / NODE_CERT
     refuse_existing([key_path, cert_path], force)
     key = generate_key(key_type)
-    cert = _sign_node_cert(ca, node, key.public_key(), alt_names, not_before, not_after)
-    write_file(key_path, _key_pem(key, None), SECRET_MODE, replace=force)
-    write_file(cert_path, _pem(cert, *ca.chain), PUBLIC_MODE, replace=force)
-    _record_issued(ca, cert)
+    cert = sign_node_cert(ca, node, key.public_key(), alt_names, not_before, not_after)
+    write_file(key_path, key_pem(key, None), SECRET_MODE, replace=force)
+    write_file(cert_path, pem(cert, *ca.chain), PUBLIC_MODE, replace=force)
+    record_issued(ca, cert)
     return Issued(cert, cert_path, key_path, tuple(notes))
 
 
-def _node_alt_names(mesh: str, node: str, dns: Sequence[str],
+def node_alt_names(mesh: str, node: str, dns: Sequence[str],
                     ips: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> list[x509.GeneralName]:
     """The SANs of a node certificate: its identity URI first, then DNS names and IP addresses, deduplicated."""
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(mesh, node))]
@@ -251,7 +246,7 @@ def _node_alt_names(mesh: str, node: str, dns: Sequence[str],
     return alt_names
 
 
-def _sign_node_cert(ca: CertificateAuthority, node: str, public_key: object, alt_names: list[x509.GeneralName],
+def sign_node_cert(ca: CertificateAuthority, node: str, public_key: object, alt_names: list[x509.GeneralName],
                     not_before: dt.datetime, not_after: dt.datetime) -> x509.Certificate:
     """A node certificate by the CA's policy alone: nothing of a request is copied but the key and names."""
     return _sign(
@@ -271,10 +266,10 @@ def _write_ca(directory: Path, mesh: str, cert: x509.Certificate, key: PrivateKe
     make_private_dir(directory)
     key_path, cert_path = directory / CA_KEY, directory / CA_CERT
     refuse_existing([key_path, cert_path], force)
-    write_file(key_path, _key_pem(key, passphrase), SECRET_MODE, replace=force)
-    write_file(cert_path, _pem(cert), PUBLIC_MODE, replace=force)
+    write_file(key_path, key_pem(key, passphrase), SECRET_MODE, replace=force)
+    write_file(cert_path, pem(cert), PUBLIC_MODE, replace=force)
     if chain:
-        write_file(directory / CA_CHAIN, _pem(*chain), PUBLIC_MODE, replace=True)
+        write_file(directory / CA_CHAIN, pem(*chain), PUBLIC_MODE, replace=True)
     else:
         (directory / CA_CHAIN).unlink(missing_ok=True)  # a root replacing an intermediate (--force)
     make_private_dir(directory / ISSUED)
@@ -299,10 +294,10 @@ def _sign(*, subject: x509.Name, public_key: object, issuer: CertificateAuthorit
         builder = builder.add_extension(_authority_key_id(issuer.cert), critical=False)
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
-    return builder.sign(signing_key, _signature_hash(signing_key))  # type: ignore[arg-type]
+    return builder.sign(signing_key, signature_hash(signing_key))  # type: ignore[arg-type]
 
 
-def _validity(issuer: CertificateAuthority | None, days: int, now: dt.datetime
+def validity(issuer: CertificateAuthority | None, days: int, now: dt.datetime
               ) -> tuple[dt.datetime, dt.datetime, list[str]]:
     """(not_before, not_after, notes): ``days`` from now, but never outside the issuer's own validity."""
     if not 1 <= days <= MAX_DAYS:
@@ -371,324 +366,21 @@ def parse_ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         raise PkiError(f"invalid IP address {text!r}") from None
 
 
-def _pem(*certs: x509.Certificate) -> bytes:
+def pem(*certs: x509.Certificate) -> bytes:
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
 
 
-# --- keys from elsewhere: CSRs and renewal ------------------------------------------------------
-@dataclass(frozen=True)
-class CsrMade:
-    """A certificate signing request just written on a node, and its key (which never leaves the node)."""
-
-    csr: x509.CertificateSigningRequest
-    csr_path: Path
-    key_path: Path | None
-    """None when the CSR was made for an existing key (``key_file``), which is left where it is."""
-    identity: str
-
-
-def check_public_key(public_key: object, what: str) -> None:
-    """PkiError unless ``public_key`` is one aioquic can use for a TLS 1.3 handshake (a node's key)."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if public_key.curve.name in ("secp256r1", "secp384r1"):
-            return
-        if public_key.curve.name == "secp521r1":
-            raise PkiError(f"{what} is ECDSA P-521, which aioquic cannot sign TLS handshakes with; "
-                           "use a P-256, P-384, Ed25519 or RSA (2048+) key")
-        raise PkiError(f"{what} is ECDSA on curve {public_key.curve.name}; use a P-256, P-384, Ed25519 or "
-                       "RSA (2048+) key")
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return
-    if isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size >= 2048:
-            return
-        raise PkiError(f"{what} is RSA {public_key.key_size}: too short; use 2048 bits or more")
-    raise PkiError(f"{what} is a {type(public_key).__name__.removeprefix('_')}, which a quicmesh node cannot use; "
-                   "use a P-256, P-384, Ed25519 or RSA (2048+) key")
-
-
-def key_type_of(public_key: object) -> str | None:
-    """The KEY_TYPES name of ``public_key``, or None if quicmesh-pki does not make such keys."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "p256", "secp384r1": "p384"}.get(public_key.curve.name)
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return "ed25519"
-    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size == 2048:
-        return "rsa2048"
-    return None
-
-
-def create_csr(out_dir: Path | str, mesh: str, node: str, *, dns: Sequence[str] = (), ips: Sequence[str] = (),
-               key_type: str = DEFAULT_KEY_TYPE, key_file: Path | str | None = None,
-               force: bool = False) -> CsrMade:
-    """On the node: write out_dir/node.key (0600, unless ``key_file`` names an existing key) and
-    out_dir/node.csr asking for ``quicmesh://<mesh>/<node>`` plus DNS/IP SANs. Only the CSR goes to the CA."""
-    mesh, node = validate_name(mesh, "mesh"), validate_name(node, "node")
-    check_key_type(key_type)
-    alt_names = _node_alt_names(mesh, node, [normalize_dns_name(name) for name in dns],
-                                [parse_ip_address(address) for address in ips])
-    out_dir = make_private_dir(Path(out_dir))
-    key_path: Path | None = out_dir / NODE_KEY
-    csr_path = out_dir / NODE_CSR
-    if key_file is not None:
-        key = load_private_key(key_file)
-        check_public_key(key.public_key(), f"the key in {key_file}")
-        key_path = None  # an existing key (e.g. the one in use, to renew through the CA): left where it is
-        refuse_existing([csr_path], force)
-    else:
-        refuse_existing([out_dir / NODE_KEY, csr_path], force)
-        key = generate_key(key_type)
-    builder = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
-               .add_extension(x509.SubjectAlternativeName(alt_names), critical=False))
-    csr = builder.sign(key, _signature_hash(key))  # type: ignore[arg-type]
-    if key_path is not None:
-        write_file(key_path, _key_pem(key, None), SECRET_MODE, replace=force)
-    write_file(csr_path, csr.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, replace=force)
-    return CsrMade(csr, csr_path, key_path, identity_uri(mesh, node))
-
-
-def load_csr(source: Path | str) -> x509.CertificateSigningRequest:
-    """A certificate signing request from a PEM or DER file; PkiError saying why not."""
-    data = Path(source).read_bytes()
-    try:
-        if b"-----BEGIN" in data:
-            if b"CERTIFICATE REQUEST-----" not in data:
-                raise ValueError("no PEM CERTIFICATE REQUEST block")
-            return x509.load_pem_x509_csr(data)
-        return x509.load_der_x509_csr(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise PkiError(f"{source}: not a certificate signing request (PEM or DER): {exc}") from None
-
-
-@dataclass(frozen=True)
-class _CsrRequest:
-    """What a CSR asks for that the CA is willing to consider: a quicmesh identity, DNS and IP names."""
-
-    identity: NodeIdentity | None
-    dns: list[str]
-    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
-    ignored: list[str]
-
-
-def _read_csr_request(csr: x509.CertificateSigningRequest, origin: str) -> _CsrRequest:
-    """The names a CSR asks for; any extension other than its SANs is listed in ``ignored``."""
-    try:
-        extensions = list(csr.extensions)
-    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
-        raise PkiError(f"{origin}: the CSR's extensions are malformed ({exc})") from None
-    identity, dns, ips, ignored = None, [], [], []
-    for extension in extensions:
-        value = extension.value
-        if not isinstance(value, x509.SubjectAlternativeName):
-            ignored.append(_describe_extension(extension))
-            continue
-        for name in value:
-            if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(URI_PREFIX):
-                try:
-                    found = parse_identity_uri(name.value)
-                except IdentityError as exc:
-                    raise PkiError(f"{origin}: {exc}") from None
-                if identity is not None and found != identity:
-                    raise PkiError(f"{origin}: the CSR names two identities, {identity.uri} and {found.uri}: "
-                                   "a node certificate has exactly one")
-                identity = found
-            elif isinstance(name, x509.DNSName):
-                dns.append(normalize_dns_name(name.value))
-            elif isinstance(name, x509.IPAddress) and isinstance(
-                    name.value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-                ips.append(name.value)
-            else:
-                raise PkiError(f"{origin}: the CSR asks for the name {_describe_name(name)}, which a quicmesh node "
-                               f"certificate does not carry (only its {URI_PREFIX}<mesh>/<node> URI, DNS names "
-                               "and IP addresses)")
-    return _CsrRequest(identity, dns, ips, ignored)
-
-
-def _describe_extension(extension: x509.Extension[x509.ExtensionType]) -> str:
-    value = extension.value
-    if isinstance(value, x509.BasicConstraints):
-        return f"basicConstraints CA:{'TRUE' if value.ca else 'FALSE'}"
-    if isinstance(value, x509.UnrecognizedExtension):
-        return f"extension {extension.oid.dotted_string}"
-    return type(value).__name__[:1].lower() + type(value).__name__[1:]
-
-
-def _describe_name(name: x509.GeneralName) -> str:
-    kinds = {x509.RFC822Name: "email", x509.UniformResourceIdentifier: "URI", x509.RegisteredID: "RID",
-             x509.DirectoryName: "dirName", x509.OtherName: "otherName", x509.IPAddress: "IP"}
-    kind = kinds.get(type(name), type(name).__name__)
-    value = name.type_id.dotted_string if isinstance(name, x509.OtherName) else name.value
-    return f"{kind}:{value}"
-
-
-def issue_from_csr(ca: CertificateAuthority, csr_file: Path | str, out_dir: Path | str, *, node: str | None = None,
-                   dns: Sequence[str] = (), ips: Sequence[str] = (), days: int = DEFAULT_NODE_DAYS,
-                   force: bool = False, now: dt.datetime | None = None) -> Issued:
-    """On the CA host: check a node's CSR and write out_dir/node.crt for its key (the key never travels).
-
-    The identity comes from the CSR's ``quicmesh://<mesh>/<node>`` URI SAN or from ``node`` (both given: they
-    must agree; the mesh must be the CA's). The certificate follows the CA's policy like `sign`: CA:FALSE, KU
-    digitalSignature, EKU serverAuth + clientAuth, the CA's validity rules. Of the CSR only the public key and
-    the DNS/IP names are used; every other requested extension (CA:TRUE, key usages...) is ignored, with a note.
-    """
-    origin = str(csr_file)
-    csr = load_csr(csr_file)
-    try:
-        signature_ok = csr.is_signature_valid
-        public_key = csr.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise PkiError(f"{origin}: cannot check the CSR's signature ({exc})") from None
-    if not signature_ok:
-        raise PkiError(f"{origin}: the CSR's signature does not verify: it was altered, or not signed by the key "
-                       "it holds")
-    check_public_key(public_key, f"the key of {origin}")
-    request = _read_csr_request(csr, origin)
-    if node is not None:
-        node = validate_name(node, "node")
-    if request.identity is not None:
-        if request.identity.mesh != ca.mesh:
-            raise PkiError(f"{origin} asks for {request.identity.uri}, but the CA in {ca.directory} serves mesh "
-                           f"{ca.mesh!r}")
-        if node is not None and request.identity.node != node:
-            raise PkiError(f"{origin} asks for {request.identity.uri}, not for node {node!r}")
-        node = request.identity.node
-    elif node is None:
-        raise PkiError(f"{origin} names no {URI_PREFIX}<mesh>/<node> identity: give the node name "
-                       "(sign NODE --csr FILE ...)")
-    alt_names = _node_alt_names(ca.mesh, node, request.dns + [normalize_dns_name(name) for name in dns],
-                                request.ips + [parse_ip_address(address) for address in ips])
-    now = as_utc(now)
-    not_before, not_after, notes = _validity(ca, days, now)
-    if request.ignored:
-        notes.append(f"ignored what {origin} asks for besides its names ({', '.join(request.ignored)}): the "
-                     "certificate follows the CA's policy (CA:FALSE, EKU serverAuth + clientAuth)")
-    out_dir = make_private_dir(Path(out_dir))
-    cert_path = out_dir / NODE_CERT
-    refuse_existing([cert_path], force)
-    _refuse_other_key(out_dir / NODE_KEY, public_key, f"the key of {origin}")
-    cert = _sign_node_cert(ca, node, public_key, alt_names, not_before, not_after)
-    write_file(cert_path, _pem(cert, *ca.chain), PUBLIC_MODE, replace=force)
-    _record_issued(ca, cert)
-    return Issued(cert, cert_path, None, tuple(notes))
-
-
-def _refuse_other_key(key_path: Path, public_key: object, what: str) -> None:
-    """If a node.key sits where a certificate for ``public_key`` goes, it must be that key (else the pair breaks)."""
-    if not key_path.exists():
-        return
-    try:
-        existing = load_private_key(key_path)
-    except IdentityError:
-        return  # encrypted or unreadable: not a node.key the daemon could use anyway; leave it to the operator
-    if _public_key_der(existing.public_key()) != _public_key_der(public_key):
-        raise PkiError(f"{key_path} is not {what}: the certificate would not match the key beside it "
-                       "(write it elsewhere with --out)")
-
-
-def renew_node_cert(ca: CertificateAuthority, node: str, out_dir: Path | str, *, new_key: bool = False,
-                    key_type: str | None = None, days: int = DEFAULT_NODE_DAYS, force: bool = False,
-                    now: dt.datetime | None = None) -> Issued:
-    """A new certificate for a node already issued, with the same identity, DNS and IP SANs.
-
-    The current certificate is out_dir/node.crt, or else the newest one recorded as issued to ``node``. The key
-    stays the same (the certificate's public key: the CA host needs no private key) unless ``new_key``, which
-    makes a new one (``key_type``, default: the current key's type). Files in use are not replaced unless
-    ``force``: the new files are written beside them as node.crt.new (and node.key.new), see ``Issued.staged``.
-    A revoked certificate is not renewed.
-    """
-    node = validate_name(node, "node")
-    if key_type is not None:
-        if not new_key:
-            raise PkiError("--key-type applies to a new key: add --new-key (without it the key stays the same)")
-        check_key_type(key_type)
-    out_dir = Path(out_dir)
-    current, source = _current_node_cert(ca, node, out_dir)
-    _refuse_revoked(ca, current, source)
-    old_names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    dns = [normalize_dns_name(name) for name in old_names.get_values_for_type(x509.DNSName)]
-    ips = list(old_names.get_values_for_type(x509.IPAddress))
-    alt_names = _node_alt_names(ca.mesh, node, dns, ips)
-    now = as_utc(now)
-    not_before, not_after, notes = _validity(ca, days, now)
-    key: PrivateKeyTypes | None = None
-    if new_key:
-        key = generate_key(key_type or key_type_of(current.public_key()) or DEFAULT_KEY_TYPE)
-        public_key: object = key.public_key()
-    else:
-        public_key = current.public_key()
-        check_public_key(public_key, f"the key of {source}")
-        _refuse_other_key(out_dir / NODE_KEY, public_key, f"the key of {source}: renew with --new-key")
-    out_dir = make_private_dir(out_dir)
-    targets = ([out_dir / NODE_KEY] if new_key else []) + [out_dir / NODE_CERT]
-    staged = not force and any(path.exists() for path in targets)
-    if staged:
-        writes = [(path.with_name(path.name + STAGED_SUFFIX), path) for path in targets]
-        for written, _ in writes:
-            if written.exists():
-                raise PkiError(f"{written} exists (from an earlier renew?): install it or remove it first, "
-                               "or use --force to replace the files in use")
-    else:
-        writes = [(path, path) for path in targets]
-    cert = _sign_node_cert(ca, node, public_key, alt_names, not_before, not_after)
-    key_path = None
-    if key is not None:  # the key first: a cert without its key is never left alone in place
-        key_path = writes[0][0]
-        write_file(key_path, _key_pem(key, None), SECRET_MODE, replace=force)
-    cert_path = writes[-1][0]
-    write_file(cert_path, _pem(cert, *ca.chain), PUBLIC_MODE, replace=force)
-    _record_issued(ca, cert)
-    if not staged:  # files staged by an earlier renew no longer match what is in use: a trap, so remove them
-        for path in targets:
-            stale = path.with_name(path.name + STAGED_SUFFIX)
-            if stale.exists():
-                stale.unlink()
-                notes.append(f"removed {stale}, left by an earlier renew (superseded)")
-    return Issued(cert, cert_path, key_path, tuple(notes), tuple(writes) if staged else ())
-
-
-def _current_node_cert(ca: CertificateAuthority, node: str, out_dir: Path) -> tuple[x509.Certificate, str]:
-    """The certificate ``renew`` starts from, and where it was found."""
-    cert_path = out_dir / NODE_CERT
-    if cert_path.exists():
-        cert, source = load_certificates(cert_path)[0], str(cert_path)
-    else:
-        recorded = [cert for cert in issued_certificates(ca) if _node_name(cert) == node]
-        if not recorded:
-            raise PkiError(f"nothing to renew: no {cert_path}, and no certificate issued to node {node!r} is "
-                           f"recorded in {ca.directory / ISSUED} (issue one with `sign`)")
-        cert = max(recorded, key=lambda recorded_cert: recorded_cert.not_valid_before_utc)
-        source = f"{ca.directory / ISSUED}/{cert.serial_number:x}.pem"
-    try:
-        found = identity_of(cert)
-    except IdentityError as exc:
-        raise PkiError(f"{source}: {exc}") from None
-    expected = NodeIdentity(ca.mesh, node)
-    if found != expected:
-        raise PkiError(f"{source} is the certificate of {found.uri}, not of {expected.uri}")
-    return cert, source
-
-
-def _refuse_revoked(ca: CertificateAuthority, cert: x509.Certificate, source: str) -> None:
-    if not _issued_by(cert, ca.cert):
-        return  # serial numbers are per issuer: this CA's CRL says nothing about it
-    crl = _current_crl(ca)
-    if crl is not None and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-        raise PkiError(f"{source} (serial {cert.serial_number:x}) is revoked: renew will not bring a revoked "
-                       "node back; issue a new certificate with `sign` if that is what you mean")
-
-
 # --- the issued-certificate record and revocation -----------------------------------------------
-def _record_issued(ca: CertificateAuthority, cert: x509.Certificate) -> None:
+def record_issued(ca: CertificateAuthority, cert: x509.Certificate) -> None:
     """Keep a copy of every certificate ``ca`` issues, so that `revoke NODE` can find it later."""
     issued_dir = make_private_dir(ca.directory / ISSUED)
-    write_file(issued_dir / f"{cert.serial_number:x}.pem", _pem(cert), PUBLIC_MODE, replace=False)
+    write_file(issued_dir / f"{cert.serial_number:x}.pem", pem(cert), PUBLIC_MODE, replace=False)
 
 
 def issued_certificates(ca: CertificateAuthority) -> list[x509.Certificate]:
     """Every certificate recorded as issued by ``ca`` (records of a CA it replaced with --force are skipped)."""
     recorded = [load_certificates(path)[0] for path in sorted((ca.directory / ISSUED).glob("*.pem"))]
-    return [cert for cert in recorded if _issued_by(cert, ca.cert)]
+    return [cert for cert in recorded if issued_by(cert, ca.cert)]
 
 
 def select_for_revocation(ca: CertificateAuthority, target: str | None, cert_file: Path | str | None = None
@@ -711,7 +403,7 @@ def select_for_revocation(ca: CertificateAuthority, target: str | None, cert_fil
         return found
     where = ca.directory / ISSUED
     if is_valid_name(target):
-        known = sorted({name for name in map(_node_name, issued) if name})
+        known = sorted({name for name in map(node_name, issued) if name})
         raise PkiError(f"no certificate issued to node {target!r} is recorded in {where} "
                        f"(recorded nodes: {', '.join(known) or 'none'}); use --cert FILE for one issued elsewhere")
     raise PkiError(f"no certificate with fingerprint {normalize_fingerprint(target)} is recorded in {where}; "
@@ -721,14 +413,14 @@ def select_for_revocation(ca: CertificateAuthority, target: str | None, cert_fil
 def _designates(target: str, cert: x509.Certificate) -> bool:
     """Whether ``target`` (a node name or a fingerprint) names ``cert``; junk raises a PkiError."""
     if is_valid_name(target):
-        return _node_name(cert) == target
+        return node_name(cert) == target
     try:
         return fingerprint(cert) == normalize_fingerprint(target)
     except IdentityError:
         raise PkiError(f"{target!r} is neither a node name nor a sha256 fingerprint") from None
 
 
-def _node_name(cert: x509.Certificate) -> str | None:
+def node_name(cert: x509.Certificate) -> str | None:
     try:
         return identity_of(cert).node
     except IdentityError:
@@ -742,9 +434,9 @@ def update_crl(ca: CertificateAuthority, revoke: Sequence[x509.Certificate] = ()
     if not 1 <= days <= MAX_DAYS:
         raise PkiError(f"CRL validity days must be between 1 and {MAX_DAYS}, got {days}")
     for cert in revoke:
-        if not _issued_by(cert, ca.cert):
+        if not issued_by(cert, ca.cert):
             raise PkiError(f"the {certificate_label(cert)} was not issued by the CA in {ca.directory}")
-    current = _current_crl(ca)
+    current = current_crl(ca)
     entries = list(current) if current is not None else []
     revoked_serials = {entry.serial_number for entry in entries}
     new = [cert for cert in revoke if cert.serial_number not in revoked_serials]
@@ -765,12 +457,12 @@ def _write_crl(ca: CertificateAuthority, entries: list[x509.RevokedCertificate],
                .add_extension(_authority_key_id(ca.cert), critical=False))
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
-    crl = builder.sign(ca.signing_key(), _signature_hash(ca.signing_key()))
+    crl = builder.sign(ca.signing_key(), signature_hash(ca.signing_key()))
     write_file(ca.directory / CRL, crl.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, replace=True)
     return crl
 
 
-def _current_crl(ca: CertificateAuthority) -> x509.CertificateRevocationList | None:
+def current_crl(ca: CertificateAuthority) -> x509.CertificateRevocationList | None:
     path = ca.directory / CRL
     if not path.exists():
         return None
@@ -789,7 +481,7 @@ def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
         return 0
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):

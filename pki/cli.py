@@ -123,7 +123,8 @@ def _run_ca(args: argparse.Namespace) -> int:
 
 def _run_sign(args: argparse.Namespace) -> int:
     from pki import PkiError
-    from pki.authority import CertificateAuthority, issue_from_csr, issue_node_cert
+    from pki.authority import CertificateAuthority, issue_node_cert
+    from pki.csr import issue_from_csr
 
     if args.csr is not None:
         if args.key_type is not None:
@@ -141,7 +142,8 @@ def _run_sign(args: argparse.Namespace) -> int:
 
 
 def _run_renew(args: argparse.Namespace) -> int:
-    from pki.authority import CertificateAuthority, renew_node_cert
+    from pki.authority import CertificateAuthority
+    from pki.csr import renew_node_cert
 
     ca = CertificateAuthority.open(args.ca_dir, _passphrase(args.passphrase_file, args.passphrase_env))
     out = args.out if args.out is not None else _bootstrap_node_dir(args.ca_dir, args.node)
@@ -164,7 +166,7 @@ def _bootstrap_node_dir(ca_dir: Path, node: str) -> Path:
 
 
 def _run_csr(args: argparse.Namespace) -> int:
-    from pki.authority import create_csr
+    from pki.csr import create_csr
 
     made = create_csr(args.out, args.mesh, args.node, dns=args.dns, ips=args.ip,
                       key_type=args.key_type, key_file=args.key, force=args.force)

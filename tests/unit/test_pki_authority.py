@@ -15,18 +15,15 @@ from pki_helpers import key_usage, make_ca, make_leaf, mode, new_key
 from pki import PkiError
 from pki.authority import (
     CertificateAuthority,
-    create_csr,
     create_intermediate_ca,
     create_root_ca,
     generate_key,
-    issue_from_csr,
     issue_node_cert,
     issued_certificates,
-    key_type_of,
-    renew_node_cert,
     revoke,
     update_crl,
 )
+from pki.csr import create_csr, issue_from_csr, key_type_of, renew_node_cert
 from pki.bootstrap import write_node_config
 from quicmesh.errors import IdentityError, RevokedError
 from quicmesh.protocol.identity import (
