@@ -355,8 +355,9 @@ def test_renew_refuses(tmp_path, root):
 
 
 def test_renew_from_the_record_picks_the_newest(tmp_path, root):
-    issue_node_cert(root, "alpha", tmp_path / "one", dns=["old.example"], now=NOW)
-    issue_node_cert(root, "alpha", tmp_path / "two", dns=["new.example"], now=NOW + dt.timedelta(minutes=1))
+    now = dt.datetime.now(dt.timezone.utc)  # not NOW (taken at import): the CA is made now, backdated 5 min only
+    issue_node_cert(root, "alpha", tmp_path / "one", dns=["old.example"], now=now)
+    issue_node_cert(root, "alpha", tmp_path / "two", dns=["new.example"], now=now + dt.timedelta(minutes=1))
     renewed = renew_node_cert(root, "alpha", tmp_path / "fresh")
     names = renewed.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["new.example"]
