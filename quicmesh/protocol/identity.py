@@ -19,9 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeVar, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -62,6 +62,7 @@ _MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, 
 """What cryptography raises when it meets malformed DER; it parses lazily, so this can surface late."""
 
 Source = Union[str, "os.PathLike[str]", bytes]
+_T = TypeVar("_T")
 
 
 class CrlError(IdentityError):
@@ -204,30 +205,26 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.
 
 def load_certificates(source: Source) -> list[x509.Certificate]:
     """Every certificate of a PEM file (or PEM bytes), in file order; IdentityError if there is none."""
-    data, origin = _read(source, "certificate file", IdentityError)
-    certs = []
-    for number, block in enumerate(_pem_blocks(data, "CERTIFICATE"), start=1):
-        try:
-            certs.append(x509.load_pem_x509_certificate(block))
-        except _MALFORMED as exc:
-            raise IdentityError(f"{origin}: certificate #{number} is malformed ({exc})") from None
-    if not certs:
-        raise IdentityError(f"{origin}: no PEM certificate found{_pem_hint(data)}")
-    return certs
+    return _load_pem_objects(source, "CERTIFICATE", x509.load_pem_x509_certificate, "certificate", IdentityError)
 
 
 def load_crls(source: Source) -> list[x509.CertificateRevocationList]:
     """Every CRL of a PEM file (e.g. the root's and an intermediate's, concatenated), in file order."""
-    data, origin = _read(source, "CRL file", CrlError)
-    crls = []
-    for number, block in enumerate(_pem_blocks(data, "X509 CRL"), start=1):
+    return _load_pem_objects(source, "X509 CRL", x509.load_pem_x509_crl, "CRL", CrlError)
+
+
+def _load_pem_objects(source: Source, kind: str, load: Callable[[bytes], _T], what: str,
+                      error: type[IdentityError]) -> list[_T]:
+    data, origin = _read(source, f"{what} file", error)
+    loaded = []
+    for number, block in enumerate(_pem_blocks(data, kind), start=1):
         try:
-            crls.append(x509.load_pem_x509_crl(block))
+            loaded.append(load(block))
         except _MALFORMED as exc:
-            raise CrlError(f"{origin}: CRL #{number} is malformed ({exc})") from None
-    if not crls:
-        raise CrlError(f"{origin}: no PEM CRL found{_pem_hint(data)}")
-    return crls
+            raise error(f"{origin}: {what} #{number} is malformed ({exc})") from None
+    if not loaded:
+        raise error(f"{origin}: no PEM {what} found{_pem_hint(data)}")
+    return loaded
 
 
 def load_crl(source: Source) -> x509.CertificateRevocationList:
