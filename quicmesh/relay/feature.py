@@ -30,7 +30,8 @@ log = logging.getLogger("quicmesh.relay")
 
 _UP, _DOWN = int(wire.DatagramKind.RELAY_UP), int(wire.DatagramKind.RELAY_DOWN)
 _TAG = int(wire.FeatureTag.RELAY)
-_TICK = 0.25  # seconds between looks for peers to reach through a relay
+_TICK = 0.25  # seconds between looks for peers to reach through a relay, while one is not connected
+_IDLE_TICK = 5.0  # ... while every configured peer is
 _RETRY_MIN, _RETRY_MAX = 1.0, 30.0  # after a failed attempt to relay to a peer, wait this long (doubling)
 _ASKED = 8  # direct peers asked whom they reach, nearest first
 _UNUSED_PATH = 30.0  # seconds an offered or opened circuit may wait for its first packet
@@ -120,21 +121,28 @@ class RelayFeature(FeatureBase):
         self._paths: dict[tuple[str, int], CircuitPath] = {}  # as an end, by (relay, circuit id)
         self._attempting: set[str] = set()  # targets with an attempt under way
         self._retry: dict[str, tuple[float, float]] = {}  # target -> (not before, next wait) after failures
-        self._timer: object = None
+        self._timer: asyncio.TimerHandle | None = None
         self.counters = RelayCounters()
 
     # --- lifecycle: the node calls these ---------------------------------------------------------
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._schedule(_TICK)
 
-        def tick() -> None:
-            if not self._host.running:
-                return
-            self._drop_unused_paths()
-            self._consider_relaying()
-            self._timer = loop.call_later(_TICK, tick)
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
 
-        self._timer = loop.call_later(_TICK, tick)
+    def _tick(self) -> None:
+        """Every 0.25 s while a configured peer is not connected; every 5 s otherwise (a reload may add one),
+        so a healthy idle mesh is not woken four times a second per node for nothing."""
+        self._timer = None
+        if not self._host.running:
+            return
+        self._drop_unused_paths()
+        self._consider_relaying()
+        everyone = {peer.name for peer in self._host.config.peers} <= set(self._host.connected_peers())
+        self._schedule(_IDLE_TICK if everyone else _TICK)
 
     # --- as an end: choosing and opening circuits -------------------------------------------------
     def _consider_relaying(self) -> None:
@@ -240,6 +248,8 @@ class RelayFeature(FeatureBase):
 
     # --- the seam ---------------------------------------------------------------------------------
     def peer_lost(self, peer: str, reason: str) -> None:
+        if self._host.running:
+            self._schedule(_TICK)  # it may have to be reached through a relay now
         for circuit in [c for c in self._circuits.values() if peer in (c.a, c.c)]:
             self._drop_circuit(circuit, f"{peer} is gone: {reason}", notify=True)
 

@@ -400,12 +400,12 @@ class Node:
         connections.mesh.set_timers(config.timers)
         actions = connections.mesh.set_peers(new_peers, ctx.now())
         connections.apply([*actions, *connections.recheck()])
-        log.info("node %s reloaded: %d peers", self.name, len(ctx.peers))
+        log.info("node reloaded", extra={"event": "node_reloaded", "node": self.name, "peers": len(ctx.peers)})
 
     # --- durable messages (quicmesh/durable) ---------------------------------------------------------
     async def _send_durable(self, peer: str, data: bytes, durable: bool, ttl: float | None) -> None:
         if not durable:
-            raise ValueError("ttl is for durable messages: send(peer, data, durable=True, ttl=...)")
+            raise QuicmeshError("ttl is for durable messages: send(peer, data, durable=True, ttl=...)")
         if self._durable is None:
             raise StorageError(f"node {self.name} has no [storage] path: durable messages are off")
         target = self._ctx.peer_or_raise(peer)
