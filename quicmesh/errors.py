@@ -45,6 +45,10 @@ class PinMismatchError(IdentityError):
 
 
 # --- config -----------------------------------------------------------------------------------
+class AnnouncementError(IdentityError):
+    """A membership announcement failed a check (signature, name, freshness, mesh); the message says which."""
+
+
 class ConfigError(QuicmeshError):
     """A config file is invalid. ``errors`` holds every problem found, each prefixed by its key path."""
 

@@ -159,6 +159,31 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
+class MeshSection:
+    """Membership (quicmesh/membership, docs/MEMBERSHIP.md): who may join, how to find the mesh, how many
+    connections to hold. The default is today's static mesh: only the [[peers]] of this file."""
+
+    members: str = "configured"  # "configured": only [[peers]]; "any-certified": any node with a cert of this mesh
+    seeds: tuple[Address, ...] = ()  # dialed without knowing their names (DNS names allowed); any member can be one
+    advertise: tuple[Address, ...] = ()  # addresses announced; (): the listen address, or the host's if a wildcard
+    connect: str = "auto"  # "full" | "on-demand" | "auto": full mesh up to full_mesh_max members, on demand above
+    full_mesh_max: int = 64
+    neighbors: int = 4  # on-demand: members kept connected for gossip, besides the seeds
+    idle_close: float = 60.0  # on-demand: close a connection without application traffic for this long
+    announce_interval: float = 30.0  # re-announce (a new version) this often
+    member_timeout: float = 120.0  # a member not heard from (no newer announcement, no connection) this long: gone
+    gossip_interval: float = 1.0  # one anti-entropy sync with one random connected member this often
+    max_members: int = 10_000
+    announce_rate: float = 50.0  # announcements accepted per second from one peer (token bucket)
+    announce_burst: int = 500
+
+    @property
+    def open(self) -> bool:
+        """Whether nodes not in [[peers]] may join (members = "any-certified")."""
+        return self.members == "any-certified"
+
+
+@dataclass(frozen=True)
 class PubSubPeer:
     """One peer's pub/sub permissions (docs/PUBSUB.md); a list left out takes the [pubsub] default."""
 
@@ -224,6 +249,7 @@ class Config:
     health: HealthSection = HealthSection()
     relay: RelaySection = RelaySection()
     pubsub: PubSubSection = PubSubSection()
+    mesh: MeshSection = MeshSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key
