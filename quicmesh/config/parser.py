@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from quicmesh.config.model import Config, ForwardConfig, Limits, PeerConfig, ServiceConfig, Timers
+from quicmesh.config.model import Config, ForwardConfig, Limits, MeshSection, PeerConfig, ServiceConfig, Timers
 from quicmesh.config.schema import (
     ARRAY_SECTIONS,
     REQUIRED_SECTIONS,
@@ -178,6 +178,18 @@ class Parser:
                 self.fail(f"timers.{low}",
                           f"must be {relation} timers.{high} ({hi!r}, the default), got {lo!r}")
 
+    def check_mesh(self, given: dict[str, Any]) -> None:
+        """Seeds only make sense with open membership; a member must be heard from more often than it times out."""
+        mesh = MeshSection(**given)
+        if mesh.seeds and not mesh.open:
+            key = "members" if "members" in given else "seeds"
+            self.fail(f"mesh.{key}", 'mesh.seeds need mesh.members = "any-certified" (a seed tells this node '
+                                     f'about members that are not in [[peers]]), got members = "{mesh.members}"')
+        if mesh.member_timeout <= mesh.announce_interval:
+            key = "member_timeout" if "member_timeout" in given else "announce_interval"
+            self.fail(f"mesh.{key}", f"mesh.member_timeout ({mesh.member_timeout:g}) must be greater than "
+                                     f"mesh.announce_interval ({mesh.announce_interval:g})")
+
 
 # --- entry points -------------------------------------------------------------------------------------
 def parse_config(
@@ -220,6 +232,8 @@ def parse_config(
         parser.check_timer_order(values["timers"])
     if valid.get("limits"):
         parser.check_peer_buffer(values["limits"])
+    if valid.get("mesh"):
+        parser.check_mesh(values["mesh"])
     control = values.setdefault("control", {})
     node_name = values.get("node", {}).get("name")
     if "socket" not in control and node_name is not None:

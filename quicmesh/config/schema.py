@@ -30,6 +30,7 @@ from quicmesh.config.model import (
     HealthSection,
     Limits,
     LogSection,
+    MeshSection,
     MetricsSection,
     NodeSection,
     PeerConfig,
@@ -445,6 +446,69 @@ _PUBSUB = Table(PubSubSection, (
     Field("interest_burst", _integer(1, 1_000_000)),
     Field("max_pending", _integer(1, 1_000_000)),
 ))
+MESH_MEMBERS = ("configured", "any-certified")
+MESH_CONNECT = ("full", "on-demand", "auto")
+MAX_ADVERTISED = 8  # addresses in one signed announcement (docs/MEMBERSHIP.md)
+MAX_SEEDS = 64
+
+
+def _addresses(limit: int, *, what: str, wildcard: bool) -> Check:
+    """An array of "HOST:PORT" (as [[peers]] address), at most ``limit``, no duplicates; ``wildcard``: whether
+    0.0.0.0 / [::] make sense (a seed or an advertised address is dialed, so they do not)."""
+
+    def check(value: Any, _: Parser) -> tuple[Address, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f'must be an array of {what} addresses, e.g. ["10.0.0.1:4433"], got {show(value)}')
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} {what} addresses, got {len(value)}")
+        addresses: list[Address] = []
+        problems = []
+        for i, item in enumerate(value):
+            try:
+                address = parse_address(item)
+            except ValueError as e:
+                problems.append((f"[{i}]", str(e)))
+                continue
+            if not wildcard and _is_wildcard(address.host):
+                problems.append((f"[{i}]", f"{address} is a wildcard address: give one other nodes can dial"))
+            elif address in addresses:
+                problems.append((f"[{i}]", f"duplicate {what} address {address}"))
+            addresses.append(address)
+        if problems:
+            raise ItemErrors(problems)
+        return tuple(addresses)
+
+    return check
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _positive_rate(value: Any, _: Parser) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1_000_000:
+        raise ValueError(f"must be a number per second, > 0 and <= 1000000, got {show(value)}")
+    return float(value)
+
+
+_MESH = Table(MeshSection, (
+    Field("members", _choice(*MESH_MEMBERS)),
+    Field("seeds", _addresses(MAX_SEEDS, what="seed", wildcard=False)),
+    Field("advertise", _addresses(MAX_ADVERTISED, what="advertised", wildcard=False)),
+    Field("connect", _choice(*MESH_CONNECT)),
+    Field("full_mesh_max", _integer(1, 1_000_000)),
+    Field("neighbors", _integer(1, 1_000)),
+    Field("idle_close", _seconds),
+    Field("announce_interval", _seconds),
+    Field("member_timeout", _seconds),
+    Field("gossip_interval", _seconds),
+    Field("max_members", _integer(2, 1_000_000)),
+    Field("announce_rate", _positive_rate),
+    Field("announce_burst", _integer(1, 1_000_000)),
+))
 _SERVICE = Table(ServiceConfig, (
     Field("name", _name("service"), required=True),
     Field("target", _address(), required=True),
@@ -461,7 +525,7 @@ SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
     "health": _HEALTH, "storage": _STORAGE, "relay": _RELAY,
-    "pubsub": _PUBSUB,
+    "pubsub": _PUBSUB, "mesh": _MESH,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")
