@@ -18,7 +18,8 @@ from typing import Any
 from aioquic.quic import events
 from aioquic.quic.packet import QuicErrorCode
 
-from quicmesh.errors import IdentityError, PeerNotConnectedError, ProtocolError
+from quicmesh.config import Address, PeerConfig
+from quicmesh.errors import IdentityError, PeerNotConnectedError, ProtocolError, UnknownPeerError
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import format_address
 from quicmesh.runtime.connection import REASON_LIMIT, Connection, ConnectionState, Transition
@@ -28,6 +29,7 @@ from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD, DatagramChannel
 from quicmesh.runtime.events import PeerEvents
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.messages import MessageChannel
+from quicmesh.runtime.peer import Peer
 from quicmesh.runtime.peer_manager import Close, Dial, PeerDown, PeerManager, PeerUp, Ping
 from quicmesh.runtime.requests import RequestChannel, Superseded
 from quicmesh.runtime.streams import StreamReader
@@ -100,10 +102,57 @@ class Connections:
         self.mesh.inbound_started(link.conn_id, self._ctx.now())  # whose it is counts once it is ready
         self._reschedule()
 
+    def dial_address(self, address: tuple[str, int], expect: str | None = None) -> None:
+        """A direct dial to one address, attributed to whoever proves its identity (a seed, whose name we do
+        not know yet, or a hole-punched peer): kept or dropped by the peer manager like any connection."""
+        assert self.endpoint is not None and self.credentials is not None
+        quic = MeshQuicConnection(
+            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=True),
+            verify_peer=lambda chain: self._verify(chain, expect),
+        )
+        link = self.endpoint.new_client_link(quic)
+        connection = Connection(link, self._datagrams.max_payload)
+        self.by_id[link.conn_id] = connection
+        self.mesh.inbound_started(link.conn_id, self._ctx.now())  # whose it is counts once it is ready
+        self._reschedule()
+        resolved = _literal_address(address[0], address[1], self.endpoint.family)
+        if resolved is not None:
+            self.endpoint.connect(link, resolved)
+        else:
+            self._ctx.spawn(self._resolve_and_connect(connection, address[0], address[1]))
+
     def _verify(self, chain: Any, expect: str | None) -> tuple[str, str]:
         peers = {name: peer.config for name, peer in self._ctx.peers.items()}
         assert self.credentials is not None
-        return self.credentials.verify_peer(chain, expect, peers)
+        return self.credentials.verify_peer(chain, expect, peers, open_membership=self._ctx.config.mesh.open)
+
+    def admit(self, name: str, address: tuple[str, int] | None, *, dial: bool) -> Peer | None:
+        """Make ``name`` a known peer (membership): a member learnt from an announcement or a verified inbound
+        connection. None if the member limit is reached. An existing peer is returned as it is (``dial``
+        may turn a passive peer into a dialed one)."""
+        peer = self._ctx.peers.get(name)
+        if peer is None:
+            if sum(1 for p in self._ctx.peers.values() if p.member) >= self._ctx.config.mesh.max_members:
+                return None
+            host, port = address if address is not None else ("0.0.0.0", 0)
+            config = PeerConfig(name, Address(_unmapped(host), port))
+            peer = self._ctx.peers[name] = Peer(config, self._ctx.config.limits.message_window, member=True)
+        self.mesh.add_peer(name, self._ctx.now(), dial=dial)
+        self._reschedule()
+        return peer
+
+    def forget(self, name: str, reason: str, code: int) -> None:
+        """A member gone (left, silent, revoked): close its connections and forget it."""
+        peer = self._ctx.peers.get(name)
+        if peer is None or not peer.member:
+            return
+        self.apply(self.mesh.remove_peer(name, reason, code))
+        self._ctx.peers.pop(name, None)
+        self._messages.fail_unacked(peer, UnknownPeerError(f"member {name} is gone: {reason}"))
+
+    def release(self, name: str, reason: str) -> None:
+        """On-demand membership: stop dialing ``name`` and close our connection (it stays a known member)."""
+        self.apply(self.mesh.set_passive(name, self._ctx.now(), reason))
 
     def recheck(self) -> list[Any]:
         """After a reload: re-verify every live connection against the new CA, CRL, denylist and pins."""
@@ -111,7 +160,7 @@ class Connections:
         for connection in list(self.by_id.values()):
             if connection.peer is None or not connection.chain or connection.closing:
                 continue
-            if connection.peer not in self._ctx.peers:
+            if connection.peer not in self._ctx.peers and self._ctx.config.mesh.open:
                 continue  # the peer manager's set_peers closes it
             try:
                 self._verify(connection.chain, connection.peer)
@@ -405,6 +454,12 @@ class Connections:
             self.close(connection, wire.ErrorCode.VERSION_MISMATCH,
                        f"peer speaks protocol version {hello.version}, this node {wire.PROTOCOL_VERSION}")
             return
+        if connection.peer not in self._ctx.peers and self._ctx.config.mesh.open:
+            # Verified under open membership (the TLS hook accepts no unknown name otherwise): a new member.
+            address = connection.quic.get_peer_address() or connection.link.address
+            if self.admit(connection.peer, address, dial=False) is None:
+                self.close(connection, wire.ErrorCode.REFUSED, "member limit reached")
+                return
         connection.hello = hello
         connection.batching = bool(hello.features & wire.Feature.DATAGRAM_BATCH)
         connection.transition(Transition.HELLO)
@@ -476,6 +531,11 @@ def _literal_address(host: str, port: int, family: int) -> tuple[str, int] | Non
     if family == socket.AF_INET and ip.version == 6:
         return None
     return (str(ip), port)
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4 address as seen on a dual-stack socket (``::ffff:a.b.c.d``) written as plain IPv4."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def error_name(code: int) -> str:

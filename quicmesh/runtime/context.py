@@ -31,6 +31,10 @@ class Context:
         self.peers: dict[str, Peer] = {}
         self.state = "new"  # new, running, stopping, stopped
         self.touch: Callable[[Connection], None] = _no_endpoint
+        #: called with a peer's name when the application addresses a known peer that is not connected
+        #: (on-demand membership dials it then); None: every peer is dialed anyway
+        self.on_demand: Callable[[str], None] | None = None
+        self.listen_address: tuple[str, int] | None = None  # bound at start
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -48,7 +52,9 @@ class Context:
     def peer_or_raise(self, name: str) -> Peer:
         peer = self.peers.get(name)
         if peer is None:
-            raise UnknownPeerError(f"{name!r} is not a configured peer of {self.name}")
+            raise UnknownPeerError(f"{name!r} is not a configured peer or known member of {self.name}")
+        if peer.connection is None and self.on_demand is not None:
+            self.on_demand(name)
         return peer
 
     def now(self) -> float:

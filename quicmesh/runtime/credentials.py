@@ -10,7 +10,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 
 from quicmesh.config import Config, PeerConfig
-from quicmesh.errors import IdentityError
+from quicmesh.errors import IdentityError, IdentityMismatchError
 from quicmesh.protocol import identity, wire
 
 
@@ -34,6 +34,7 @@ class Credentials:
         self.chain: list[x509.Certificate] = chain
         self._key: Any = key
         self.trust = trust
+        self.node_name = config.node.name
 
     @property
     def fingerprint(self) -> str:
@@ -57,14 +58,29 @@ class Credentials:
         return configuration
 
     def verify_peer(self, chain: Sequence[x509.Certificate], expect: str | None,
-                    peers: dict[str, PeerConfig]) -> tuple[str, str]:
-        """Check a peer's chain against the mesh CA, CRL, the configured peers and their pins:
-        (node name, fingerprint). ``expect``: the peer we dialed (None: an inbound connection)."""
+                    peers: dict[str, PeerConfig], *, open_membership: bool = False) -> tuple[str, str]:
+        """Check a peer's chain against the mesh CA, CRL, the known peers and their pins: (node name,
+        fingerprint). ``expect``: the peer we dialed (None: an inbound connection, or a seed dialed by address).
+        ``open_membership`` ([mesh] members = "any-certified"): any node of this mesh but this one's own name."""
         if expect is not None:
-            found = self.trust.verify(chain, expect_node=expect, pin=peers[expect].fingerprint)
+            config = peers.get(expect)
+            found = self.trust.verify(chain, expect_node=expect, pin=config.fingerprint if config else None)
+        elif open_membership:
+            found = self.trust.verify(chain)
+            if found.node == self.node_name:
+                raise IdentityMismatchError(f"certificate is for this node's own name {found.node!r}")
+            config = peers.get(found.node)
+            if config is not None and config.fingerprint is not None:
+                found = self.trust.verify(chain, expect_node=found.node, pin=config.fingerprint)
         else:
             found = self.trust.verify(chain, allowed_nodes=peers.keys())
             pin = peers[found.node].fingerprint
             if pin is not None:
                 found = self.trust.verify(chain, expect_node=found.node, pin=pin)
         return found.node, identity.fingerprint(chain[0])
+
+    def announcement(self, **fields: Any) -> Any:
+        """This node's membership announcement, signed with its key and carrying its chain (the key stays here)."""
+        from quicmesh.membership.announcement import sign_announcement
+
+        return sign_announcement(chain=self.chain, key=self._key, **fields)

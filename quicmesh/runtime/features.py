@@ -10,14 +10,16 @@ through the node's internals. Each kind, frame type and tag has one owner; a sec
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from quicmesh.errors import PeerNotConnectedError, QuicmeshError
 from quicmesh.protocol import wire
 
 if TYPE_CHECKING:
-    from quicmesh.config import Config
+    from quicmesh.config import Address, Config
+    from quicmesh.runtime.credentials import Credentials
     from quicmesh.runtime.connections import Connections
     from quicmesh.runtime.context import Context
     from quicmesh.runtime.datagrams import DatagramChannel
@@ -241,6 +243,74 @@ class FeatureHost:
         endpoint = self._connections.endpoint
         if endpoint is not None:
             endpoint.relayed_packet(path, packet)
+
+    def dial_address(self, address: tuple[str, int], expect: str | None = None) -> None:
+        """A direct dial to one address (a seed, a hole-punched peer), attributed to whoever proves its identity
+        (``expect``: the only name accepted; None: any peer this node accepts)."""
+        if self._ctx.running:
+            self._connections.dial_address(address, expect)
+
+    # --- membership: peers learnt at run time (quicmesh/membership) ------------------------------
+    @property
+    def credentials(self) -> Credentials:
+        """This node's certificate chain, trust policy and signer (replaced by a reload)."""
+        credentials = self._connections.credentials
+        if credentials is None:
+            raise QuicmeshError(f"node {self._ctx.name} was not started")
+        return credentials
+
+    def known_peers(self) -> dict[str, bool]:
+        """Every known peer: True for members learnt at run time, False for the config's [[peers]]."""
+        return {name: peer.member for name, peer in self._ctx.peers.items()}
+
+    def peer_addresses(self, peer: str) -> tuple[str, ...]:
+        target = self._ctx.peers.get(peer)
+        return () if target is None else tuple(str(address) for address in target.addresses)
+
+    def add_member(self, name: str, addresses: tuple[Address, ...], *, dial: bool) -> bool:
+        """Know ``name`` (a verified member) at ``addresses``; dial it if ``dial``. False: member limit reached."""
+        first = (addresses[0].host, addresses[0].port) if addresses else None
+        peer = self._connections.admit(name, first, dial=dial)
+        if peer is None:
+            return False
+        if addresses:
+            peer.announced = addresses
+            if peer.member:
+                peer.config = replace(peer.config, address=addresses[0])
+        return True
+
+    def release_member(self, name: str, reason: str) -> None:
+        """Stop dialing ``name`` and close our connection to it; it stays known (on-demand: idle)."""
+        if name in self._ctx.peers and self._ctx.running:
+            self._connections.release(name, reason)
+
+    def forget_member(self, name: str, reason: str, code: int = wire.ErrorCode.NOT_CONFIGURED) -> None:
+        """A member that left, fell silent or was revoked: close its connections and forget it (a peer of the
+        config stays)."""
+        if self._ctx.running:
+            self._connections.forget(name, reason, code)
+
+    def recheck_identities(self) -> None:
+        """Re-verify every connection against the current trust (after a newer CRL): revoked peers are closed."""
+        if self._ctx.running:
+            self._connections.apply(self._connections.recheck())
+
+    def peer_activity(self, peer: str) -> int:
+        """A number that grows with the application's traffic to and from ``peer`` (on-demand idle checks)."""
+        target = self._ctx.peers.get(peer)
+        if target is None:
+            return 0
+        c = target.counters
+        return c.datagrams_in + c.datagrams_out + c.messages_in + c.messages_out + c.requests_in + c.requests_out
+
+    def set_on_demand(self, callback: Callable[[str], None] | None) -> None:
+        """Called with a known peer's name when the application addresses it while it is not connected."""
+        self._ctx.on_demand = callback
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """The bound UDP address (the real port when the config says 0); None before start."""
+        return self._ctx.listen_address
 
     def deliver(self, item: Received) -> None:
         """Hand an item to the application (its receive handler, or the inbox read by ``recv()``)."""

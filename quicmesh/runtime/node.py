@@ -175,7 +175,7 @@ class Node:
         )
         endpoint.guard = Guard(await guard_settings(ctx.config), ctx.now())
         listen = ctx.config.node.listen
-        self.listen_address = endpoint.open(listen.host, listen.port)
+        self.listen_address = ctx.listen_address = endpoint.open(listen.host, listen.port)
         if self._durable is not None:
             try:
                 await self._durable.open()  # an unusable database: StorageError naming it, the node does not start
@@ -388,17 +388,20 @@ class Node:
         endpoint.guard.configure(guard_config, ctx.now())
         ctx.config = config
         new_peers = {peer.name: peer for peer in config.peers}
+        members = {name for name, peer in ctx.peers.items() if peer.member and name not in new_peers}
         for name in list(ctx.peers):
-            if name not in new_peers:
+            if name not in new_peers and name not in members:
                 removed = ctx.peers.pop(name)
                 self._messages.fail_unacked(removed, UnknownPeerError(f"peer {name} was removed from the config"))
         for name, peer_config in new_peers.items():
             if name in ctx.peers:
                 ctx.peers[name].config = peer_config
+                ctx.peers[name].member = False  # configured now: dialed, and kept by the config
+                connections.mesh.add_peer(name, ctx.now(), dial=True)
             else:
                 ctx.peers[name] = Peer(peer_config, config.limits.message_window)
         connections.mesh.set_timers(config.timers)
-        actions = connections.mesh.set_peers(new_peers, ctx.now())
+        actions = connections.mesh.set_peers(new_peers, ctx.now(), keep=members)
         connections.apply([*actions, *connections.recheck()])
         log.info("node reloaded", extra={"event": "node_reloaded", "node": self.name, "peers": len(ctx.peers)})
 

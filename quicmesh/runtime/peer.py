@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from quicmesh.config import PeerConfig
+from quicmesh.config import Address, PeerConfig
 
 if TYPE_CHECKING:
     from quicmesh.runtime.connection import Connection
@@ -99,8 +99,12 @@ class Peer:
     the outbox fields, the datagram channel the queue.
     """
 
-    def __init__(self, config: PeerConfig, window: int) -> None:
+    def __init__(self, config: PeerConfig, window: int, *, member: bool = False) -> None:
         self.config = config
+        #: known by membership (an announcement or a verified inbound connection), not from the config file
+        self.member = member
+        #: addresses the peer announced (membership; NAT traversal adds what it learns); () -> config.address
+        self.announced: tuple[Address, ...] = ()
         self.connection: Connection | None = None
         self.connected_since: float | None = None
         self.fingerprint: str | None = None
@@ -120,6 +124,11 @@ class Peer:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Where to dial the peer: what it announced, else its configured address."""
+        return self.announced or (self.config.address,)
 
     @property
     def usable_connection(self) -> Connection | None:

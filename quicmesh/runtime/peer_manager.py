@@ -37,8 +37,12 @@ CONNECTED    relayed, poll, direct dial due               CONNECTED    Dial (dir
 CONNECTED    quiet for keepalive (we dialed it), or for   CONNECTED    Ping
              (keepalive + dead_after) / 2 (the peer did),
              rounded up to a quarter keepalive
-any          removed by set_peers                         (forgotten)  Close(NOT_CONFIGURED) [+PeerDown]
+any          removed by set_peers or remove_peer          (forgotten)  Close(code) [+PeerDown]
 ===========  ===========================================  ===========  ===============================
+
+Peers come from the config (``set_peers``) and, with open membership, from announcements and verified inbound
+connections (``add_peer``). A *passive* peer (``add_peer(..., dial=False)``) is never dialed: its connection is
+kept while the other side holds it (an inbound member; on-demand membership releases idle ones this way).
 
 A lost pending dial while another connection is active is no failure, unless that one is relayed (the
 direct path is still being probed, with backoff). A relayed connection is one that ``connection_ready``
@@ -163,6 +167,7 @@ class _PeerPlan:
     rejected: bool = False
     last_error: str | None = None
     connected_since: float | None = None
+    dial: bool = True  # False: passive, never dialed (its inbound connections are still kept)
 
     @property
     def state(self) -> PeerState:
@@ -200,21 +205,62 @@ class PeerManager:
         """Configured peer names (the local name is never one of them)."""
         return tuple(self._peers)
 
-    def set_peers(self, peers: Iterable[str], now: float) -> list[Action]:
-        """Reload: added peers are due at once; removed ones lose every connection."""
+    def set_peers(self, peers: Iterable[str], now: float, keep: Iterable[str] = ()) -> list[Action]:
+        """Reload: added peers are due at once; removed ones lose every connection, unless in ``keep``
+        (members that joined by announcement rather than by the config)."""
         wanted = [name for name in dict.fromkeys(peers) if name != self.local_name]
+        kept = set(keep)
         actions: list[Action] = []
-        for name in [name for name in self._peers if name not in wanted]:
-            peer = self._peers.pop(name)
-            reason = "peer removed from configuration"
-            for conn_id in (peer.active, peer.pending):
-                if conn_id is not None:
-                    actions.append(self._close(conn_id, ErrorCode.NOT_CONFIGURED, reason))
-            if peer.active is not None:
-                actions.append(PeerDown(name, reason))
+        for name in [name for name in self._peers if name not in wanted and name not in kept]:
+            actions += self.remove_peer(name, "peer removed from configuration", ErrorCode.NOT_CONFIGURED)
         for name in wanted:
             if name not in self._peers:
                 self._peers[name] = _PeerPlan(name, next_dial_at=now)
+        return actions
+
+    def add_peer(self, name: str, now: float, *, dial: bool = True) -> None:
+        """A peer learnt at run time (membership), or a passive one made active: due at once if ``dial``."""
+        if name == self.local_name:
+            return
+        p = self._peers.get(name)
+        if p is None:
+            self._peers[name] = _PeerPlan(name, next_dial_at=now, dial=dial)
+        elif dial and not p.dial:
+            p.dial = True
+            p.next_dial_at = min(p.next_dial_at, now)
+
+    def set_passive(self, name: str, now: float, reason: str = "idle") -> list[Action]:
+        """Stop dialing ``name`` and close our connection to it (on-demand membership releasing an idle peer);
+        the peer stays known, and a connection it opens is still accepted."""
+        p = self._peers.get(name)
+        if p is None or not p.dial:
+            return []
+        p.dial = False
+        actions: list[Action] = []
+        if p.pending is not None:
+            actions.append(self._close(p.pending, ErrorCode.NO_ERROR, reason))
+            p.pending = None
+        p.dial_requested_at = None
+        if p.active is not None:
+            actions.append(self._close(p.active, ErrorCode.NO_ERROR, reason))
+            actions.append(PeerDown(name, reason))
+            p.active = None
+            p.connected_since = None
+        p.failures = 0
+        p.rejected = False
+        return actions
+
+    def remove_peer(self, name: str, reason: str, code: int) -> list[Action]:
+        """Forget ``name`` (removed from the config, or a member gone or revoked): every connection closes."""
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return []
+        actions: list[Action] = []
+        for conn_id in (peer.active, peer.pending):
+            if conn_id is not None:
+                actions.append(self._close(conn_id, code, reason))
+        if peer.active is not None:
+            actions.append(PeerDown(name, reason))
         return actions
 
     def set_timers(self, timers: Timers) -> None:
@@ -227,9 +273,10 @@ class PeerManager:
         if conn_id in self._conns or conn_id in self._closed:
             return
         p = self._peers.get(peer)
-        if p is None or p.pending is not None:
-            # Removed by a reload since the Dial, or a second dial: never two pending dials.
-            reason = "peer removed from configuration" if p is None else "a dial to this peer is already running"
+        if p is None or p.pending is not None or not p.dial:
+            # Removed by a reload since the Dial, made passive, or a second dial: never two pending dials.
+            reason = ("peer removed from configuration" if p is None else "a dial to this peer is already running"
+                      if p.pending is not None else "peer no longer dialed")
             code = ErrorCode.NOT_CONFIGURED if p is None else ErrorCode.NO_ERROR
             self._closed.add(conn_id)
             self._deferred.append((now, Close(conn_id, code, reason)))
@@ -426,6 +473,11 @@ class PeerManager:
             last_error=p.last_error,
         )
 
+    def dials(self, peer: str) -> bool:
+        """Whether ``peer`` is known and dialed (not passive)."""
+        p = self._peers.get(peer)
+        return p is not None and p.dial
+
     def relayed(self, peer: str) -> bool:
         """Whether the peer's active connection goes through a relay."""
         p = self._peers.get(peer)
@@ -445,6 +497,8 @@ class PeerManager:
 
     def _may_dial(self, p: _PeerPlan) -> bool:
         """Due for a direct dial when its time comes: not connected, or connected only through a relay."""
+        if not p.dial:
+            return False
         if p.state in _MAY_DIAL:
             return True
         return (p.active is not None and self._conns[p.active].relayed and p.pending is None
