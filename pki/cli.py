@@ -249,6 +249,25 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_join_bundle(args: argparse.Namespace) -> int:
+    from quicmesh.protocol.identity import certificate_label, fingerprint
+
+    from pki.authority import CertificateAuthority
+    from pki.join import join_bundle
+    from pki.layout import NODE_CONFIG
+
+    ca = CertificateAuthority.open(args.ca_dir, _passphrase(args.passphrase_file, args.passphrase_env))
+    made = join_bundle(ca, args.node, args.out, seeds=args.seed, listen=args.listen, advertise=args.advertise,
+                       trust_bundle=args.ca, dns=args.dns, ips=args.ip, days=args.days,
+                       key_type=args.key_type)
+    _warn(made.issued.notes)
+    print(f"wrote {made.out_dir}: {', '.join(path.name for path in made.files)} (node.key 0600)")
+    print(f"  {certificate_label(made.issued.cert)}, fingerprint {fingerprint(made.issued.cert)}")
+    print(f"copy {made.out_dir} to the new host and start it with: quicmesh run -c {made.out_dir / NODE_CONFIG} "
+          f"(it joins through {', '.join(args.seed)})")
+    return 0
+
+
 # --- output helpers -----------------------------------------------------------------------------
 def _report_issued(issued: Issued) -> None:
     from quicmesh.protocol.dates import format_utc
@@ -321,7 +340,7 @@ def _passphrase(file: Path | None, env: str | None) -> bytes | None:
 # --- the parser ---------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="The PKI of a quicmesh mesh: CA, node certificates, CSRs, renewal, "
-                                            "revocation, bootstrap. Details: docs/PKI.md.")
+                                            "revocation, bootstrap, join bundles. Details: docs/PKI.md.")
     parser.add_argument("--version", action=_VersionAction, help="print the quicmesh version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     key_types = f"{', '.join(KEY_TYPES)} (default {DEFAULT_KEY_TYPE})"
@@ -426,6 +445,28 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--ca-days", type=int, default=DEFAULT_CA_DAYS, help="validity of a new CA")
     _passphrase_options(boot, "passphrase", "encrypt (or unlock) the CA key with the passphrase")
     boot.set_defaults(run=_run_bootstrap)
+
+    join = commands.add_parser("join-bundle", help="a folder for a new node that joins a running mesh through "
+                                                   "seeds (open membership; no other node changes)")
+    join.add_argument("node", help="the new node's name (a DNS label)")
+    join.add_argument("--ca-dir", type=Path, required=True, help="the directory of the issuing CA")
+    join.add_argument("--seed", action="append", required=True, metavar="HOST:PORT",
+                      help="a member to dial first (repeatable; DNS names allowed)")
+    join.add_argument("--out", type=Path, required=True, help="the folder to write (must not hold its files yet)")
+    join.add_argument("--listen", default="0.0.0.0:4433", metavar="HOST:PORT",
+                      help="the node's UDP listen address (default 0.0.0.0:4433)")
+    join.add_argument("--advertise", action="append", default=[], metavar="HOST:PORT",
+                      help="an address members reach it at (repeatable; default: the listen address, or the "
+                           "host's addresses when listening on a wildcard)")
+    join.add_argument("--ca", type=Path, metavar="FILE",
+                      help="for an intermediate --ca-dir: the mesh's trust bundle (the root ca.crt the nodes use)")
+    join.add_argument("--dns", action="append", default=[], metavar="NAME", help="add a DNS SAN (repeatable)")
+    join.add_argument("--ip", action="append", default=[], metavar="ADDR", help="add an IP SAN (repeatable)")
+    join.add_argument("--days", type=int, default=DEFAULT_NODE_DAYS,
+                      help=f"validity (default {DEFAULT_NODE_DAYS}; clipped to the CA's expiry)")
+    join.add_argument("--key-type", default=DEFAULT_KEY_TYPE, help=f"node key type: {key_types}")
+    _passphrase_options(join, "passphrase", "unlock the CA key with the passphrase")
+    join.set_defaults(run=_run_join_bundle)
     return parser
 
 

@@ -454,7 +454,7 @@ _OPS: dict[str, ControlOp] = {
 
 #: Each feature's operator module: its import registers the feature's control ops (register_ops), and its
 #: ``add_commands(command, target)`` adds the feature's CLI subcommands. Light: argparse and this module only.
-FEATURE_MODULES: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli")
+FEATURE_MODULES: tuple[str, ...] = ("quicmesh.durable.cli", "quicmesh.pubsub.cli", "quicmesh.membership.cli")
 
 
 def _once(callback: Callable[[], None]) -> Callable[[], None]:
