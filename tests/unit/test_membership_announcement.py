@@ -110,11 +110,13 @@ def test_round_trip_decodes_equal_and_verifies(alpha, inter, trust) -> None:
 
 
 def test_layout_is_the_one_docs_protocol_describes(alpha, inter) -> None:
-    sent = announce(alpha, inter, addresses=("10.0.0.1:4433",), services=("ssh",))
-    head = (bytes([1]) + b"\x01m" + b"\x05alpha" + encode_varint(NOW * 1_000_000) + encode_varint(0x2A2A_2A2A_2A2A)
-            + encode_varint(NOW) + b"\x01" + b"\x01\x0d10.0.0.1:4433" + b"\x01\x03ssh" + b"\x02")
-    chain = b"".join(encode_varint(len(der)) + der for der in sent.chain)
-    assert sent.raw == head + chain + encode_varint(len(sent.signature)) + sent.signature
+    """The example of docs/PROTOCOL.md "Membership", byte for byte."""
+    sent = announce(alpha, inter, version=1, epoch=7, issued_at=1_900_000_000, relay=True,
+                    addresses=("10.0.0.1:4433",), services=(), chain=[alpha.cert])
+    head = bytes.fromhex("01 01 6d 05 61 6c 70 68 61 01 07 c0 00 00 00 71 3f b3 00 01 01 0d 31 30 2e 30 2e 30 2e 31"
+                         "3a 34 34 33 33 00 01")
+    der = sent.chain[0]
+    assert sent.raw == head + encode_varint(len(der)) + der + encode_varint(len(sent.signature)) + sent.signature
 
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)
