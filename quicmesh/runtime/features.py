@@ -165,6 +165,11 @@ class FeatureHost:
         return self._ctx.name
 
     @property
+    def epoch(self) -> int:
+        """This node process's epoch (peers tell a restart from a reconnect by it)."""
+        return self._ctx.epoch
+
+    @property
     def config(self) -> Config:
         """The node's config as it is now (a reload replaces it)."""
         return self._ctx.config

@@ -39,6 +39,7 @@ from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
 from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvent, PeerEvents, ReceiveHandler, Received, RequestHandler
+from quicmesh.membership.feature import MembershipFeature
 from quicmesh.relay.feature import RelayFeature
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.pubsub.feature import PubSub
@@ -73,6 +74,8 @@ class Node:
         self.features.add(self._pubsub)
         self._relay = RelayFeature(self.features)  # reaching peers through a third node (quicmesh/relay)
         self.features.add(self._relay)
+        self._membership = MembershipFeature(self.features)  # announcements, seeds, CRLs (quicmesh/membership)
+        self.features.add(self._membership)
         self._durable: DurableMessages | None = None  # [storage] path: durable messages (quicmesh/durable)
         if config.storage.path is not None:
             self._durable = DurableMessages(self.features, config.storage, config.limits.message_window,
@@ -190,6 +193,7 @@ class Node:
                                         "fingerprint": self.fingerprint, "peers": len(ctx.peers)})
         connections.tick()
         self._relay.start()
+        self._membership.start()
 
     async def stop(self, reason: str = "shutdown") -> None:
         """Tell every peer we are going, close every connection, then the socket."""
@@ -199,6 +203,8 @@ class Node:
         if ctx.state == "new":
             ctx.state = "stopped"
             return
+        if ctx.state == "running" and reason == "shutdown":
+            await self._membership.leave()  # a signed departure first, while messages still flow
         ctx.state = "stopping"
         connections, endpoint = self._connections, self._endpoint
         assert endpoint is not None
