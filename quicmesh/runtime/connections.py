@@ -150,6 +150,10 @@ class Connections:
         self._ctx.peers.pop(name, None)
         self._messages.fail_unacked(peer, UnknownPeerError(f"member {name} is gone: {reason}"))
 
+    def redial_soon(self, name: str) -> None:
+        self.mesh.redial_soon(name, self._ctx.now())
+        self._reschedule()
+
     def release(self, name: str, reason: str) -> None:
         """On-demand membership: stop dialing ``name`` and close our connection (it stays a known member)."""
         self.apply(self.mesh.set_passive(name, self._ctx.now(), reason))

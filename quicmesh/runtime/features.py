@@ -278,10 +278,13 @@ class FeatureHost:
         peer = self._connections.admit(name, first, dial=dial)
         if peer is None:
             return False
-        if addresses:
+        if addresses and addresses != peer.announced:
+            moved = bool(peer.announced) or (peer.member and peer.config.address != addresses[0])
             peer.announced = addresses
             if peer.member:
                 peer.config = replace(peer.config, address=addresses[0])
+            if moved and peer.usable_connection is None:
+                self._connections.redial_soon(name)  # restarted elsewhere: no need to wait out a backoff
         return True
 
     def release_member(self, name: str, reason: str) -> None:

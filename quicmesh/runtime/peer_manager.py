@@ -229,6 +229,12 @@ class PeerManager:
             p.dial = True
             p.next_dial_at = min(p.next_dial_at, now)
 
+    def redial_soon(self, name: str, now: float) -> None:
+        """The peer has new addresses (it announced them): a dial waiting on backoff is due now."""
+        p = self._peers.get(name)
+        if p is not None and self._may_dial(p) and p.next_dial_at > now:
+            p.next_dial_at = now
+
     def set_passive(self, name: str, now: float, reason: str = "idle") -> list[Action]:
         """Stop dialing ``name`` and close our connection to it (on-demand membership releasing an idle peer);
         the peer stays known, and a connection it opens is still accepted."""
