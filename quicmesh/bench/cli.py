@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_positive_float, metavar="N", help="messages per second in all (default: as fast as possible)")
     parser.add_argument("--peers", type=_positive_int, default=1, metavar="N", help="sending processes (default 1)")
     parser.add_argument("--impl", choices=IMPLS, default="quicmesh", help="quicmesh (default) or bare aioquic")
+    parser.add_argument("--api", choices=("handler", "public"), default="handler",
+                        help="quicmesh receiver: set_receive_handler and a plain request handler (default), or "
+                             "public: async for over received() and an async request handler")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="event loop of the bench processes (default: uvloop if installed)")
     parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="SECONDS",
@@ -65,7 +68,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     size = args.size if args.size is not None else (BULK_SIZE if args.mode == "bulk" else 100)
     return BenchOptions(mode=args.mode, impl=args.impl, msgs=args.msgs, duration=args.duration, size=size,
                         rate=args.rate, peers=args.peers, loop=args.loop, timeout=args.timeout,
-                        relayed=args.relayed)
+                        relayed=args.relayed, api=args.api)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,7 +57,11 @@ FIGURES = [
 #: Issue 14's figures: relayed against direct.
 RELAYED_FIGURES = [f for f in FIGURES if f.key in ("datagrams", "latency_p50", "latency_p99", "messages")]
 #: Columns of a comparison: name -> what its runs change in BenchOptions.
-BARE_VARIANTS: dict[str, dict[str, Any]] = {"quicmesh": {"impl": "quicmesh"}, "bare": {"impl": "bare"}}
+#: "quicmesh" receives through set_receive_handler and a plain request handler, "public" as most applications
+#: do (``async for`` over ``received()``, an async request handler): issue 20 asks for both.
+BARE_VARIANTS: dict[str, dict[str, Any]] = {"quicmesh": {"impl": "quicmesh"},
+                                            "public": {"impl": "quicmesh", "api": "public"},
+                                            "bare": {"impl": "bare"}}
 RELAYED_VARIANTS: dict[str, dict[str, Any]] = {
     "direct": {"max_datagram_size": RELAY_DATAGRAM_SIZE},
     "relayed": {"max_datagram_size": RELAY_DATAGRAM_SIZE, "relayed": True},
@@ -87,9 +91,9 @@ def machine() -> dict[str, Any]:
 
 def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: Any,
             variants: dict[str, dict[str, Any]] = BARE_VARIANTS) -> dict[str, Any]:
-    """{figure key: {"quicmesh": value, "bare": value, "runs": [...]}} for one event loop (the keys are
-    those of ``variants``: quicmesh and bare, or direct and relayed)."""
-    first, second = variants
+    """{figure key: {"quicmesh": value, "public": value, "bare": value, ...}} for one event loop (the keys
+    are those of ``variants``: quicmesh, public and bare, or direct and relayed), run in turns."""
+    names = list(variants)
     results: dict[str, dict[str, Any]] = {}
     # The two latency figures come from the same runs.
     runs_by_mode: dict[tuple[str, float | None, int], dict[str, list[dict[str, Any]]]] = {}
@@ -98,7 +102,7 @@ def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: An
         if key not in runs_by_mode:
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
             for attempt in range(repeat):
-                for impl in (first, second) if attempt % 2 == 0 else (second, first):
+                for impl in names if attempt % 2 == 0 else names[::-1]:
                     msgs = max(1, int(figure.msgs * scale)) if figure.mode != "bulk" else max(4, int(figure.msgs * scale))
                     options = BenchOptions(mode=figure.mode, msgs=msgs, size=figure.size,
                                            rate=figure.rate, loop=loop, timeout=120.0, **variants[impl])
@@ -121,14 +125,40 @@ def measure(loop: str, repeat: int, figures: list[Figure], scale: float, log: An
     return results
 
 
+#: Issue 20's targets for the public API against bare aioquic: figure key -> (highest or lowest ratio, pick).
+PUBLIC_TARGETS = {"datagrams": (1.2, "min"), "latency_p50": (1.2, "max"), "latency_p99": (1.5, "max")}
+
+
 def render(loop_results: dict[str, dict[str, Any]], figures: list[Figure]) -> str:
     lines = []
     for loop, results in loop_results.items():
-        lines.append(f"| figure ({loop}) | quicmesh | bare aioquic | quicmesh / bare |")
-        lines.append("|---|---:|---:|---:|")
-        lines += _rows(results, figures, "quicmesh", "bare")
+        lines.append(f"| figure ({loop}) | quicmesh, handler API | quicmesh, public API | bare aioquic | "
+                     f"handler / bare | public / bare | target (issue 20, public API) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
+        for figure in figures:
+            entry = results[figure.key]
+            fmt = ",.2f" if figure.pick == "mbps" else ",.0f"
+            ratios = [_ratio(entry.get(name), entry["bare"]) for name in ("quicmesh", "public")]
+            lines.append(f"| {figure.label} | {_fmt(entry['quicmesh'], fmt)} | {_fmt(entry.get('public'), fmt)} | "
+                         f"{_fmt(entry['bare'], fmt)} | {_fmt(ratios[0], '.2f')}x | {_fmt(ratios[1], '.2f')}x | "
+                         f"{_public_target(figure, ratios[1])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(ours: float | None, base: float | None) -> float | None:
+    return ours / base if ours and base else None
+
+
+def _public_target(figure: Figure, ratio: float | None) -> str:
+    if figure.key not in PUBLIC_TARGETS:
+        return "-"
+    bound, kind = PUBLIC_TARGETS[figure.key]
+    wanted = f"{'>=' if kind == 'min' else '<='} {bound}x"
+    if ratio is None:
+        return f"{wanted}: -"
+    met = ratio >= bound if kind == "min" else ratio <= bound
+    return f"{wanted}: {'met' if met else 'NOT met'}"
 
 
 def render_relayed(loop_results: dict[str, dict[str, Any]], figures: list[Figure]) -> str:
@@ -163,7 +193,7 @@ def _rows(results: dict[str, Any], figures: list[Figure], ours_key: str, base_ke
     for figure in figures:
         entry = results[figure.key]
         ours, base = entry[ours_key], entry[base_key]
-        ratio = (ours / base) if ours and base else None
+        ratio = _ratio(ours, base)
         better = "higher is better" if figure.higher_is_better else "lower is better"
         fmt = ",.2f" if figure.pick == "mbps" else ",.0f"
         lines.append(f"| {figure.label} | {_fmt(ours, fmt)} | {_fmt(base, fmt)} | "

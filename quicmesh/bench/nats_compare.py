@@ -3,7 +3,7 @@
 For each event loop, alternately and ``--repeat`` times each (best kept, as in :mod:`.compare`):
 quicmesh's ``bench pubsub`` runs (unreliable fan-out from one publisher process to 1 and to 3 subscriber
 processes; sequential requests by subject), quicmesh's plain sequential requests to a named peer
-(``bench request``), and the same figures against a nats-server started for the run (TLS, client certificates
+(``bench request``, with its plain handler and with the public API's async handler), and the same figures against a nats-server started for the run (TLS, client certificates
 required) with nats-py clients, one process each, same event loop, same 100-byte payloads (:mod:`.nats`).
 Prints a table with quicmesh / NATS and the targets of issues 17 and 20.
 """
@@ -48,6 +48,9 @@ ROWS = [
     Row("subject_p50", "request round trip p50 (us): by subject", False, "ratio<=1"),
     Row("peer_rate", "sequential requests/s: quicmesh to a named peer, NATS request/reply", True, "ratio>=1"),
     Row("peer_p50", "request round trip p50 (us): to a named peer", False, "ratio<=1"),
+    Row("public_rate", "sequential requests/s: to a named peer, async handler (public API), NATS request/reply",
+        True, "ratio>=1"),
+    Row("public_p50", "request round trip p50 (us): to a named peer, async handler", False, "ratio<=1"),
 ]
 #: quicmesh's bench pubsub and the NATS run both run these (mode, subscriber processes).
 RUNS = pubsub.RUNS
@@ -94,16 +97,20 @@ def measure_nats(loop: str, repeat: int, scale: float, binary: str, log: Callabl
         for side in ("quicmesh", "nats") if attempt % 2 == 0 else ("nats", "quicmesh"):
             if side == "nats":
                 results = run_nats_bench(options, binary, RUNS, amounts)
-                values = _pubsub_values(results) | _pubsub_values(results, "peer")
+                values = (_pubsub_values(results) | _pubsub_values(results, "peer")
+                          | _pubsub_values(results, "public"))
             else:
                 results = quicmesh_pubsub(options, amounts)
-                plain = run_bench(BenchOptions(mode="request", msgs=amounts["request"], loop=loop))
-                values = _pubsub_values(results) | {"peer_rate": plain["aggregate"]["msgs_per_s"],
-                                                    "peer_p50": (plain["latency_us"] or {}).get("p50")}
+                values = _pubsub_values(results)
+                for prefix, api in (("peer", "handler"), ("public", "public")):
+                    plain = run_bench(BenchOptions(mode="request", msgs=amounts["request"], loop=loop, api=api))
+                    values |= {f"{prefix}_rate": plain["aggregate"]["msgs_per_s"],
+                               f"{prefix}_p50": (plain["latency_us"] or {}).get("p50")}
             runs[side].append(values)
             log(f"  {loop:7} {side:8} " + "  ".join(
                 f"{key} {_fmt(values.get(key), '.2f' if key.endswith('loss') else ',.0f')}" for key in
-                ("fanout1_rate", "fanout1_loss", "fanout3_rate", "fanout3_loss", "subject_rate", "peer_rate")))
+                ("fanout1_rate", "fanout1_loss", "fanout3_rate", "fanout3_loss", "subject_rate", "peer_rate",
+                 "public_rate")))
     entries: dict[str, Any] = {}
     for row in ROWS:
         entry: dict[str, Any] = {}

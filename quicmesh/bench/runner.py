@@ -42,6 +42,10 @@ class BenchOptions:
     #: other only through a relay node (quicmesh/relay), which every one of them reaches directly
     relayed: bool = False
     max_datagram_size: int | None = None  # limits.max_datagram_size of every node (None: the default)
+    #: how the quicmesh receiver takes what arrives: "handler" (set_receive_handler and a plain request
+    #: handler, its fastest) or "public" (``async for item in node.received()`` and an async request
+    #: handler, what most applications write)
+    api: str = "handler"
 
     def check(self) -> None:
         if self.mode not in ("datagram", "message", "request", "bulk"):
@@ -62,6 +66,8 @@ class BenchOptions:
             raise ValueError("--durable is for `quicmesh bench message` with --impl quicmesh")
         if self.relayed and (self.impl != "quicmesh" or self.durable is not None):
             raise ValueError("--relayed is for --impl quicmesh, without --durable")
+        if self.api not in ("handler", "public"):
+            raise ValueError(f"unknown api {self.api!r} (handler or public)")
         if self.relayed and (self.max_datagram_size or 0) < RELAY_DATAGRAM_SIZE:
             self.max_datagram_size = RELAY_DATAGRAM_SIZE
         self.loop = resolve_loop(self.loop)
@@ -158,7 +164,7 @@ async def _orchestrate(options: BenchOptions, configs: dict[str, Path], senders:
     timeout = options.timeout if options.duration is None else options.duration + 30.0
     base = {"impl": options.impl, "mode": options.mode, "size": options.size, "rate": None, "loop": options.loop,
             "duration": options.duration, "timeout": timeout, "durable": options.durable, "tmp": str(tmp),
-            "max_datagram_size": options.max_datagram_size, "ping": options.relayed}
+            "max_datagram_size": options.max_datagram_size, "ping": options.relayed, "api": options.api}
     relay = [RELAY] if options.relayed else []
     workers: list[_Worker] = []
     try:
@@ -274,6 +280,7 @@ def summarize(options: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
         "durable": options.durable,
         "relayed": options.relayed,
         "max_datagram_size": options.max_datagram_size,
+        "api": options.api,
         "paths": raw.get("paths", {}),
         "rtt_us": {name: {peer: rtt * 1e6 for peer, rtt in rtts.items() if rtt is not None}
                    for name, rtts in raw.get("rtt", {}).items()},

@@ -129,6 +129,7 @@ class QuicmeshImpl:
         self.job = job
         self.receiver = receiver
         self.node: Any = None
+        self.reader: asyncio.Future[None] | None = None  # the public-API receiver's received() loop
 
     async def start(self) -> None:
         from quicmesh.config import Address, load_config
@@ -149,7 +150,9 @@ class QuicmeshImpl:
             config = dataclasses.replace(config, storage=storage)
         self.node = Node(config)
         await self.node.start()
-        if self.receiver is not None:
+        if self.receiver is not None and self.job.get("api") == "public":
+            self._serve_public_api(self.receiver)
+        elif self.receiver is not None:
             receiver = self.receiver
 
             def echo(peer: str, data: bytes) -> bytes:  # a plain handler: answered without a task
@@ -169,6 +172,24 @@ class QuicmeshImpl:
         # Both ends dial: let the mesh settle which duplicate connection it keeps before traffic starts.
         await asyncio.sleep(SETTLE)
         await self.node.wait_connected(timeout=CONNECT_TIMEOUT)
+
+    def _serve_public_api(self, receiver: Receiver) -> None:
+        """Receive as an application usually does: ``async for`` over ``received()``, an async handler."""
+
+        async def echo(peer: str, data: bytes) -> bytes:
+            receiver.message(peer, data)
+            return data
+
+        self.node.set_request_handler(echo)
+
+        async def read_all() -> None:
+            async for item in self.node.received():
+                if item.kind == "datagram":
+                    receiver.datagram(item.peer, item.data)
+                else:
+                    receiver.message(item.peer, item.data)
+
+        self.reader = asyncio.ensure_future(read_all())
 
     def send_datagram(self, peer: str, payload: bytes) -> None:
         self.node.send_datagram(peer, payload)
@@ -220,6 +241,8 @@ class QuicmeshImpl:
 
     async def close(self) -> None:
         await self.node.stop()
+        if self.reader is not None:
+            await self.reader  # received() ends once the node stopped
 
 
 def make_impl(job: dict[str, Any], receiver: Receiver | None) -> Any:

@@ -52,6 +52,20 @@ def test_each_mode_reports_sane_json(mode: str, args: list[str], expected: int) 
     assert result["cpu_s"]["receiver"] >= 0
 
 
+@pytest.mark.parametrize(("mode", "msgs"), [("datagram", 1500), ("message", 500), ("request", 200)])
+def test_public_api_receiver(mode: str, msgs: int) -> None:
+    """--api public: the receiver reads with `async for ... in received()` and answers with an async handler."""
+    done = bench(mode, "--msgs", str(msgs), "--api", "public", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["api"] == "public"
+    agg = result["aggregate"]
+    assert agg["sent"] == msgs and 0 < agg["received"] <= msgs
+    if mode != "datagram":
+        assert agg["received"] == msgs
+    check_latency(result["latency_us"])
+
+
 def test_several_peers_rate_and_text_output() -> None:
     done = bench("datagram", "--msgs", "600", "--peers", "2", "--rate", "2000")
     assert done.returncode == 0, done.stderr
