@@ -340,8 +340,8 @@ class Node:
         return [name for name, peer in self._ctx.peers.items() if peer.usable_connection is not None]
 
     async def wait_connected(self, peers: Iterable[str] | None = None, timeout: float | None = None) -> None:
-        """Wait until the given peers (default: all configured) are connected; TimeoutError otherwise."""
-        wanted = set(self._ctx.peers if peers is None else peers)
+        """Wait until the given peers (default: the config's [[peers]]) are connected; TimeoutError otherwise."""
+        wanted = {p.name for p in self._ctx.config.peers} if peers is None else set(peers)
         for name in wanted:
             self._ctx.peer_or_raise(name)
         async with asyncio.timeout(timeout):
@@ -350,12 +350,15 @@ class Node:
                 await self._events.wait_changed()
 
     def peers(self) -> list[PeerStatus]:
+        """The configured peers and the members this node holds a connection to (or dials)."""
         connections = self._connections
         now = self._ctx.now()
         statuses = []
         for name, peer in self._ctx.peers.items():
-            view = connections.mesh.view(name, now)
             connection = peer.usable_connection
+            if peer.member and connection is None and not connections.mesh.dials(name):
+                continue  # a member we hold no connection to (on demand): `quicmesh members` lists it
+            view = connections.mesh.view(name, now)
             heard = _last_heard(connection)
             remote = connection.quic.get_peer_address() if connection else None
             statuses.append(PeerStatus(
