@@ -132,6 +132,7 @@ class NodeCollector(Collector):
                        [([], udp["send_errors"])])
         yield from self._guard()
         yield from self._relay()
+        yield from self._membership()
         yield from self._credentials()
 
     def _guard(self) -> Iterator[Metric]:
@@ -166,6 +167,24 @@ class NodeCollector(Collector):
                        [(["over_budget"], counters.dropped_over_budget),
                         (["unknown_circuit"], counters.dropped_unknown_circuit),
                         (["queue_full"], counters.dropped_queue_full)])
+
+    def _membership(self) -> Iterator[Metric]:
+        from quicmesh.membership.feature import MembershipFeature  # light; a running node has it loaded
+
+        membership = self.node.features.find(MembershipFeature)
+        if membership is None:
+            return
+        status = membership.status()
+        counters = status["counters"]
+        rows = status["members"]
+        yield _gauge("quicmesh_members", "Members this node knows of (itself not counted), by state.", ("state",),
+                     [([state], sum(1 for r in rows if r["state"] == state)) for state in ("alive", "gone")])
+        yield _counter("quicmesh_announcements_total", "Membership announcements received, by outcome.",
+                       ("outcome",), [(["accepted"], counters["accepted"]), (["replayed"], counters["replayed"])])
+        yield _counter("quicmesh_announcements_rejected_total", "Membership announcements refused, by reason.",
+                       ("reason",), [([reason], count) for reason, count in sorted(counters["rejected"].items())])
+        yield _counter("quicmesh_crl_updates_total", "Newer CRLs applied (from a peer or an operator).", (),
+                       [([], counters["crl_updates"])])
 
     def _credentials(self) -> Iterator[Metric]:
         dates = self.dates()
