@@ -305,3 +305,18 @@ def valid_encoding(alpha, inter) -> bytes:
 @given(data=st.data())
 def test_mutated_announcements_raise_only_protocol_error(valid_encoding: bytes, data: st.DataObject) -> None:
     decodes_or_protocol_error(decode_announcement, data.draw(mutated(valid_encoding)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_mutated_announcements_that_decode_fail_verification_with_an_identity_error(
+        valid_encoding: bytes, trust: TrustPolicy, data: st.DataObject) -> None:
+    """The runtime catches IdentityError around verify_announcement: nothing else may escape it."""
+    mutant = data.draw(mutated(valid_encoding))
+    try:
+        received = decode_announcement(mutant)
+    except ProtocolError:
+        return
+    if mutant != valid_encoding:
+        rejection(received, trust)
+
