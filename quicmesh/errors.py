@@ -133,6 +133,7 @@ class PublishError(QuicmeshError):
 __all__ = [
     "QuicmeshError",
     "IdentityError",
+    "AnnouncementError",
     "InvalidNameError",
     "ChainError",
     "ValidityError",
