@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quicmesh.commands.common import EXIT_OK, node_socket
+from quicmesh.commands.common import EXIT_FAILED, EXIT_OK, error, node_socket
+from quicmesh.membership.messages import MAX_CRL_SIZE  # pure: no cryptography
 from quicmesh.ops.control import (
     REPLY_TIMEOUT,
     BadRequestError,
     ControlClient,
-    ControlError,
     NodeUnreachableError,
     _text,
     b64encode,
@@ -31,20 +31,19 @@ from quicmesh.ops.control import (
 )
 from quicmesh.ops.status import format_duration
 
-MAX_CRL_SIZE = 1 << 20  # a Crl membership message carries at most 1 MiB (docs/PROTOCOL.md)
-
 MEMBERS_EPILOG = """\
 Lists the members this node knows (docs/MEMBERSHIP.md): name, the addresses it announced, the version of
 its newest announcement, the peer it came from (source), when it was last heard from, whether this node is
 connected to it, and its state (alive, or gone and why: left, silent for Ns, revoked).
-exit status: 0 success, 1 the node is unreachable (or runs no membership), 2 bad usage.
+exit status: 0 success, 1 the node is unreachable, 2 bad usage.
 """
 
 CRL_EPILOG = """\
 `crl push FILE` hands a CRL (PEM or DER, as `quicmesh-pki revoke` writes it) to the node, which verifies it
 against the mesh CA, applies it if its CRL number is higher than the one it has, and passes it on to every
 member: one push evicts a revoked node from the whole mesh. A PEM file with several CRLs pushes each.
-exit status: 0 the node took every CRL, 1 failure (unreadable file, no CRL in it, node refused), 2 bad usage.
+exit status: 0 the node applied every CRL; 1 failure: an unreadable file, no CRL in it, or the node did not
+apply one (not newer than the CRL it holds, not signed by a CA of the mesh; the reason is printed); 2 bad usage.
 """
 
 
@@ -88,8 +87,10 @@ def render_members(document: dict[str, Any], now: float | None = None) -> str:
     alive = sum(1 for member in members if member.get("state") == "alive")
     crl = document.get("crl_number")
     seeds = document.get("seeds") or ()
-    lines = [f"mode {document.get('mode', '?')}  members {alive} alive, {len(members) - alive} gone  "
-             f"crl {'-' if crl is None else crl}  seeds {', '.join(map(str, seeds)) or '-'}"]
+    admits = "any-certified" if document.get("open") else "configured"
+    lines = [f"node {document.get('node', '?')}  members {admits}  mode {document.get('mode', '?')}  "
+             f"{alive} alive, {len(members) - alive} gone  crl {'-' if crl is None else crl}  "
+             f"seeds {', '.join(map(str, seeds)) or '-'}"]
     rows = [MEMBER_COLUMNS] + [_member_row(member, now) for member in members]
     widths = [max(len(row[i]) for row in rows) for i in range(len(MEMBER_COLUMNS) - 1)]
     lines += ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
@@ -150,14 +151,17 @@ def read_crls(path: Path) -> list[bytes]:
 def _cmd_crl(args: argparse.Namespace) -> int:
     crls = read_crls(args.file)
     path = node_socket(args)[0]
+    refused = 0
     for der in crls:
         answer = asyncio.run(_call(path, "membership.crl", crl=b64encode(der)))["crl"]
         if args.json:
             print(json.dumps(answer))
-        else:
-            details = ", ".join(f"{key} {value}" for key, value in answer.items())
-            print(f"pushed a CRL of {len(der)} bytes from {args.file}" + (f": {details}" if details else ""))
-    return EXIT_OK
+        elif answer.get("applied"):
+            print(f"{answer.get('reason')}: the node passes it on to the members")
+        if not answer.get("applied"):
+            refused += 1
+            error(f"the node did not apply the CRL from {args.file}: {answer.get('reason')}")
+    return EXIT_FAILED if refused else EXIT_OK
 
 
 # --- control ops (in the daemon) ----------------------------------------------------------------------
@@ -166,11 +170,7 @@ def _membership(client: Any) -> Any:
         MembershipFeature,  # in the daemon only: a running node has it loaded
     )
 
-    node = client.server.node
-    feature = node.features.find(MembershipFeature)
-    if feature is None:
-        raise ControlError(f"node {node.name} runs no membership feature")
-    return feature
+    return client.server.node.features.find(MembershipFeature)
 
 
 async def _op_members(client: Any, request: dict[str, Any]) -> dict[str, Any]:
