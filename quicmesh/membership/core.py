@@ -20,7 +20,8 @@ ALIVE     newer version, any of those changed              ALIVE     MemberChang
 ALIVE     version <= the known one                         ALIVE     - (counted "replayed")
 ALIVE     leaving announcement                             GONE      MemberGone("left"), rumor
 ALIVE     poll: not connected, no newer version for        GONE      MemberGone("silent for Ns")
-          member_timeout (connected counts as heard)
+          member_timeout (connected counts as heard;
+          checked at most every member_timeout / 16)
 ALIVE     member_revoked                                   GONE      MemberGone("revoked")
 GONE      version <= the tombstone's                       GONE      - (counted "replayed")
 GONE      newer version (the node restarted)               ALIVE     MemberUp, rumor [, Connect]
@@ -28,7 +29,8 @@ GONE      poll: 2 x member_timeout after it went           unknown   - (tombston
                                                                        max_members, oldest dropped)
 ========  ===============================================  ========  =====================================
 
-Rumor: an announcement new to us goes to up to :data:`RUMOR_FANOUT` random connected peers other than
+We ask to re-announce (:class:`Reannounce`) every announce_interval x U[0.75, 1] (jittered, so that a mesh
+started together does not re-announce in waves). Rumor: an announcement new to us goes to up to :data:`RUMOR_FANOUT` random connected peers other than
 the one it came from and its announcer; our own new announcement goes to every connected peer.
 Anti-entropy: every gossip_interval, a :class:`StartSync` with one random connected peer (the runtime runs
 Sync -> SyncReply, and Digest -> DigestReply when the digests differ, calling :meth:`sync_received`,
@@ -50,8 +52,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import random
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Protocol, Union
 
 from quicmesh.config import MeshSection
@@ -167,12 +171,14 @@ class _Bucket:
     updated: float
 
 
-def membership_digest(pairs: list[tuple[str, int]]) -> bytes:
+def membership_digest(pairs: Iterable[tuple[str, int]]) -> bytes:
     """SHA-256 over the sorted (node, version) pairs: ``name NUL version(8 bytes big-endian)`` each."""
-    h = hashlib.sha256()
-    for node, version in sorted(pairs):
-        h.update(node.encode() + b"\x00" + version.to_bytes(8, "big"))
-    return h.digest()
+    encoded = {node: _digest_entry(node, version) for node, version in pairs}
+    return hashlib.sha256(b"".join(encoded[node] for node in sorted(encoded))).digest()
+
+
+def _digest_entry(node: str, version: int) -> bytes:
+    return node.encode() + b"\x00" + version.to_bytes(8, "big")
 
 
 class MembershipCore:
@@ -195,6 +201,9 @@ class MembershipCore:
         self._reannounce_at: float | None = None
         self._gossip_at: float | None = None
         self._silence_check_at: float | None = None  # a lower bound of every member's silence deadline
+        self._idle_check_at: float | None = None  # a lower bound of every traffic-held member's idle deadline
+        self._versions: dict[str, int] = {}  # alive members and ourselves: what Sync and Digest compare
+        self._digest_entries: dict[str, bytes] = {}  # the same, encoded for the digest
         self._digest: bytes | None = None  # cached; None when the table changed
         self._counters: dict[str, int] = dict.fromkeys(
             ("accepted", "replayed", "announce_messages_sent", "announcements_sent", "announce_bytes_sent",
@@ -206,8 +215,10 @@ class MembershipCore:
     def set_local(self, announcement: Announced, now: float) -> list[Action]:
         """Our own announcement (at start, when Reannounce is due, on leaving): to every connected peer."""
         self._local = announcement
-        self._digest = None
-        self._reannounce_at = None if announcement.leaving else now + self._settings.announce_interval
+        self._set_version(self.local, announcement.version)
+        # Jittered: a mesh started at once would otherwise re-announce in one wave every interval.
+        interval = self._settings.announce_interval * self._rng.uniform(0.75, 1.0)
+        self._reannounce_at = None if announcement.leaving else now + interval
         actions: list[Action] = []
         for peer in list(self._connected):
             self._send(peer, (announcement,), actions)
@@ -256,7 +267,6 @@ class MembershipCore:
             self.count_rejected("member limit")
             return []
         self._counters["accepted"] += 1
-        self._digest = None
         actions: list[Action] = []
         if announcement.leaving:
             if member is not None:
@@ -265,6 +275,7 @@ class MembershipCore:
         elif member is None:
             self._tombstones.pop(node, None)
             self._members[node] = _Member(announcement, source, now, _score(self.local, node))
+            self._set_version(node, announcement.version)
             self._watch_silence(now + self._settings.member_timeout)
             actions.append(MemberUp(announcement))
             self._neighbor_added(node, now, actions)
@@ -273,6 +284,7 @@ class MembershipCore:
         else:
             previous = member.announcement
             member.announcement, member.source, member.last_heard = announcement, source, now
+            self._set_version(node, announcement.version)
             if _content(previous) != _content(announcement):
                 actions.append(MemberChanged(announcement))
         self._rumor(announcement, source, actions)
@@ -300,7 +312,7 @@ class MembershipCore:
         self._connected_at[name] = len(self._connected)
         self._connected.append(name)
         if self._held.get(name) is not None:
-            self._held[name] = now  # idle counts from the connection
+            self._held[name] = now  # idle counts from the connection (only later: the bound still holds)
         if self._gossip_at is None:
             self._gossip_at = now + self._settings.gossip_interval * self._rng.uniform(0.5, 1.0)
         if first:
@@ -339,6 +351,7 @@ class MembershipCore:
         if name in self._held:
             return self.traffic(name, now)
         self._held[name] = now
+        self._watch_idle(now)
         return [Connect(name)]
 
     def sync_received(self, digest: bytes, now: float) -> bool:
@@ -352,32 +365,16 @@ class MembershipCore:
         A departure it has not heard of goes back as the leaving announcement, so departures spread by
         anti-entropy too; a silent member we buried is neither sent nor wanted (each node times it out).
         """
-        theirs: dict[str, int] = {}
-        for node, version in entries:
-            if len(theirs) >= self._settings.max_members:
-                break
-            theirs[node] = version
-        newer: list[Announced] = []
-        want: list[str] = []
-        for node, version in theirs.items():
-            mine = self._local if node == self.local else None
-            member = self._members.get(node)
-            if member is not None:
-                mine = member.announcement
-            if mine is not None:
-                if mine.version > version:
-                    newer.append(mine)
-                elif mine.version < version and node != self.local:
-                    want.append(node)
-                continue
-            tomb = self._tombstones.get(node)
-            if tomb is None:
-                want.append(node)
-            elif tomb.announcement.leaving and tomb.announcement.version > version:
-                newer.append(tomb.announcement)
-        newer.extend(m.announcement for node, m in self._members.items() if node not in theirs)
-        if self._local is not None and self.local not in theirs:
-            newer.append(self._local)
+        theirs = dict(itertools.islice(entries, self._settings.max_members + 1))
+        versions, tombs, local = self._versions, self._tombstones, self.local
+        # Comprehensions, not one loop: a 1,000-member digest is compared every gossip_interval.
+        newer = [self._local if node == local else self._members[node].announcement
+                 for node, version in versions.items() if theirs.get(node, -1) < version]
+        want = [node for node, version in theirs.items()
+                if version > versions.get(node, -1) and node != local
+                and (node not in tombs or version > tombs[node].announcement.version)]
+        newer.extend(t.announcement for node, t in tombs.items()
+                     if t.announcement.leaving and -1 < theirs.get(node, -1) < t.announcement.version)
         return newer, want
 
     def wanted(self, peer: str, names: list[str] | tuple[str, ...], now: float) -> list[Action]:
@@ -391,6 +388,10 @@ class MembershipCore:
         actions: list[Action] = []
         self._send(peer, tuple(found), actions)
         return actions
+
+    def count_replayed(self) -> None:
+        """Count an announcement the runtime dropped because :meth:`is_newer` said it was no news."""
+        self._counters["replayed"] += 1
 
     def count_rejected(self, reason: str) -> None:
         """Count an announcement refused (the runtime's reasons: "bad signature", "expired", ...)."""
@@ -409,20 +410,16 @@ class MembershipCore:
             actions.append(StartSync(self._connected[self._rng.randrange(len(self._connected))]))
         if self._silence_check_at is not None and now >= self._silence_check_at:
             self._check_silence(now, actions)
-        limit = self._settings.idle_close
-        for node, last_traffic in list(self._held.items()):
-            if last_traffic is not None and now >= last_traffic + limit:
-                del self._held[node]
-                actions.append(Disconnect(node, f"idle for {limit:g}s"))
+        if self._idle_check_at is not None and now >= self._idle_check_at:
+            self._close_idle(now, actions)
         self._expire_tombstones(now)
         self._update_mode(now, actions)
         return actions
 
     def next_deadline(self) -> float | None:
         """The earliest time poll() has something to do, None if nothing is scheduled."""
-        times = [t for t in (self._reannounce_at, self._gossip_at, self._silence_check_at) if t is not None]
-        limit = self._settings.idle_close
-        times.extend(t + limit for t in self._held.values() if t is not None)
+        times = [t for t in (self._reannounce_at, self._gossip_at, self._silence_check_at, self._idle_check_at)
+                 if t is not None]
         if self._tombstones:
             times.append(next(iter(self._tombstones.values())).gone_at + 2 * self._settings.member_timeout)
         return min(times, default=None)
@@ -437,15 +434,13 @@ class MembershipCore:
     def digest(self) -> bytes:
         """The digest of the current members and their versions, ourselves included (for Sync)."""
         if self._digest is None:
-            self._digest = membership_digest(self.digest_entries())
+            encoded = self._digest_entries
+            self._digest = hashlib.sha256(b"".join(encoded[node] for node in sorted(encoded))).digest()
         return self._digest
 
     def digest_entries(self) -> list[tuple[str, int]]:
         """Our (node, version) pairs, ourselves included (for Digest)."""
-        pairs = [(node, m.announcement.version) for node, m in self._members.items()]
-        if self._local is not None:
-            pairs.append((self.local, self._local.version))
-        return pairs
+        return list(self._versions.items())
 
     def member_count(self) -> int:
         """Alive members, ourselves included."""
@@ -472,6 +467,12 @@ class MembershipCore:
 
     # --- helpers --------------------------------------------------------------------------------
     def _send(self, peer: str, announcements: tuple[Announced, ...], actions: list[Action]) -> None:
+        if len(announcements) == 1:  # the common case: a rumor
+            self._counters["announce_messages_sent"] += 1
+            self._counters["announcements_sent"] += 1
+            self._counters["announce_bytes_sent"] += len(announcements[0].raw)
+            actions.append(SendAnnounce(peer, announcements))
+            return
         for start in range(0, len(announcements), MAX_ANNOUNCEMENTS_PER_MESSAGE):
             chunk = announcements[start:start + MAX_ANNOUNCEMENTS_PER_MESSAGE]
             self._counters["announce_messages_sent"] += 1
@@ -479,21 +480,36 @@ class MembershipCore:
             self._counters["announce_bytes_sent"] += sum(len(a.raw) for a in chunk)
             actions.append(SendAnnounce(peer, chunk))
 
+    def _set_version(self, node: str, version: int | None) -> None:
+        """Keep what digests are made of in step with the table (None: no longer a member)."""
+        self._digest = None
+        if version is None:
+            self._versions.pop(node, None)
+            self._digest_entries.pop(node, None)
+        else:
+            self._versions[node] = version
+            self._digest_entries[node] = _digest_entry(node, version)
+
     def _rumor(self, announcement: Announced, source: str, actions: list[Action]) -> None:
         """Pass a new announcement on to up to RUMOR_FANOUT random connected peers."""
-        count = len(self._connected)
-        picks = range(count) if count <= RUMOR_FANOUT + 2 else self._rng.sample(range(count), RUMOR_FANOUT + 2)
-        sent = 0
-        for i in picks:
-            peer = self._connected[i]
-            if peer not in (source, announcement.node) and sent < RUMOR_FANOUT:
-                sent += 1
-                self._send(peer, (announcement,), actions)
+        connected, skip = self._connected, (source, announcement.node)
+        if len(connected) <= RUMOR_FANOUT + len(skip):
+            picks = [peer for peer in connected if peer not in skip][:RUMOR_FANOUT]
+        else:  # enough peers that a few random draws find RUMOR_FANOUT others (bounded: 4 draws per pick)
+            picks = []
+            for _ in range(4 * RUMOR_FANOUT):
+                peer = connected[int(self._rng.random() * len(connected))]
+                if peer not in skip and peer not in picks:
+                    picks.append(peer)
+                    if len(picks) == RUMOR_FANOUT:
+                        break
+        for peer in picks:
+            self._send(peer, (announcement,), actions)
 
     def _remove(self, node: str, reason: str, now: float, actions: list[Action]) -> None:
         """An alive member is gone: forget it, stop holding it, pick another neighbor if it was one."""
         del self._members[node]
-        self._digest = None
+        self._set_version(node, None)
         self._held.pop(node, None)
         kind = reason.split()[0]
         self._gone[kind] = self._gone.get(kind, 0) + 1
@@ -515,6 +531,21 @@ class MembershipCore:
                 break
             del self._tombstones[node]
 
+    def _watch_idle(self, last_traffic: float) -> None:
+        deadline = last_traffic + self._settings.idle_close
+        if self._idle_check_at is None or deadline < self._idle_check_at:
+            self._idle_check_at = deadline
+
+    def _close_idle(self, now: float, actions: list[Action]) -> None:
+        """Release traffic-held members idle for idle_close; then find the next idle deadline."""
+        limit = self._settings.idle_close
+        for node, last_traffic in list(self._held.items()):
+            if last_traffic is not None and now >= last_traffic + limit:
+                del self._held[node]
+                actions.append(Disconnect(node, f"idle for {limit:g}s"))
+        pending = [t + limit for t in self._held.values() if t is not None]
+        self._idle_check_at = min(pending, default=None)
+
     def _watch_silence(self, deadline: float) -> None:
         if self._silence_check_at is None or deadline < self._silence_check_at:
             self._silence_check_at = deadline
@@ -529,12 +560,15 @@ class MembershipCore:
             self._remove(node, f"silent for {timeout:g}s", now, actions)
             self._bury(node, member.announcement, "silent", now)
         deadlines = [m.last_heard + timeout for node, m in self._members.items() if node not in self._connected_at]
-        self._silence_check_at = min(deadlines, default=None)
+        # Not sooner than a 16th of member_timeout from now: one check per member would cost O(N) each.
+        self._silence_check_at = None if not deadlines else max(min(deadlines), now + timeout / 16)
 
     def _neighbor_added(self, node: str, now: float, actions: list[Action]) -> None:
         """A new member may take the place of the neighbor with the highest score."""
         k = self._settings.neighbors
         score = self._members[node].score
+        if k <= 0:
+            return
         if len(self._neighbors) >= k:
             worst = max(self._neighbors, key=self._neighbors.__getitem__)
             if score >= self._neighbors[worst]:
@@ -563,6 +597,7 @@ class MembershipCore:
         """No longer needed for good: closed after idle_close without traffic (on-demand; seeds are kept)."""
         if self._held.get(node, 0.0) is None and node not in self._seeds and not self.full_mode:
             self._held[node] = now
+            self._watch_idle(now)
 
     def _update_mode(self, now: float, actions: list[Action]) -> None:
         """Apply a switch between full and on-demand (members added later are held as they come)."""
