@@ -174,7 +174,7 @@ class _Bucket:
 def membership_digest(pairs: Iterable[tuple[str, int]]) -> bytes:
     """SHA-256 over the sorted (node, version) pairs: ``name NUL version(8 bytes big-endian)`` each."""
     encoded = {node: _digest_entry(node, version) for node, version in pairs}
-    return hashlib.sha256(b"".join(encoded[node] for node in sorted(encoded))).digest()
+    return hashlib.sha256(b"".join(map(encoded.__getitem__, sorted(encoded)))).digest()
 
 
 def _digest_entry(node: str, version: int) -> bytes:
@@ -435,7 +435,7 @@ class MembershipCore:
         """The digest of the current members and their versions, ourselves included (for Sync)."""
         if self._digest is None:
             encoded = self._digest_entries
-            self._digest = hashlib.sha256(b"".join(encoded[node] for node in sorted(encoded))).digest()
+            self._digest = hashlib.sha256(b"".join(map(encoded.__getitem__, sorted(encoded)))).digest()
         return self._digest
 
     def digest_entries(self) -> list[tuple[str, int]]:
