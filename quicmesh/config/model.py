@@ -184,6 +184,19 @@ class MeshSection:
 
 
 @dataclass(frozen=True)
+class NatSection:
+    """NAT traversal (quicmesh/nat, docs/NAT.md): learning our public address from peers and hole punching
+    through a rendezvous peer. Mappings are kept open by ``timers.keepalive`` (1 s by default, far below the
+    30 s that the shortest common NAT UDP timeouts allow)."""
+
+    punch: bool = True  # when a direct dial fails, ask a peer connected to both sides to get both dialing at once
+    rendezvous: bool = True  # tell peers their observed address and coordinate punches for them
+    dial_private: bool = False  # also dial private (non-global) addresses peers report; loopback/multicast never
+    punch_rate: float = 1.0  # punches per second one peer may ask of this node, or offer to it (token bucket)
+    punch_burst: int = 4
+
+
+@dataclass(frozen=True)
 class PubSubPeer:
     """One peer's pub/sub permissions (docs/PUBSUB.md); a list left out takes the [pubsub] default."""
 
@@ -250,6 +263,7 @@ class Config:
     relay: RelaySection = RelaySection()
     pubsub: PubSubSection = PubSubSection()
     mesh: MeshSection = MeshSection()
+    nat: NatSection = NatSection()
     services: tuple[ServiceConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     path: Path | None = None  # the file it was loaded from; not a config key

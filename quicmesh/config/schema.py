@@ -32,6 +32,7 @@ from quicmesh.config.model import (
     LogSection,
     MeshSection,
     MetricsSection,
+    NatSection,
     NodeSection,
     PeerConfig,
     PubSubPeer,
@@ -389,6 +390,13 @@ def _bytes_per_second(value: Any, _: Parser) -> float:
     return float(value)
 
 
+_NAT = Table(NatSection, (
+    Field("punch", _boolean),
+    Field("rendezvous", _boolean),
+    Field("dial_private", _boolean),
+    Field("punch_rate", _rate),
+    Field("punch_burst", _integer(1, 1_000)),
+))
 _RELAY = Table(RelaySection, (
     Field("serve", _boolean),
     Field("use", _boolean),
@@ -525,7 +533,7 @@ SECTIONS: dict[str, Table] = {
     "node": _NODE, "tls": _TLS, "peers": _PEER, "limits": _LIMITS,
     "timers": _TIMERS, "control": _CONTROL, "log": _LOG, "security": _SECURITY, "metrics": _METRICS,
     "health": _HEALTH, "storage": _STORAGE, "relay": _RELAY,
-    "pubsub": _PUBSUB, "mesh": _MESH,
+    "pubsub": _PUBSUB, "mesh": _MESH, "nat": _NAT,
     "services": _SERVICE, "forwards": _FORWARD,
 }
 ARRAY_SECTIONS = ("peers", "services", "forwards")

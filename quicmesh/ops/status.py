@@ -62,6 +62,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
 
     if (relay := node.features.find(RelayFeature)) is not None:
         document["relay"] = relay.status()  # circuits through this node, our circuits, refusals by peer
+    from quicmesh.nat.feature import NatFeature  # every running node has it loaded
+
+    if (nat := node.features.find(NatFeature)) is not None:
+        document["nat"] = nat.status()  # where peers see us, the NAT's mapping, punches and refusals
     from quicmesh.pubsub.feature import PubSub  # every running node has it loaded
 
     if (pubsub := node.features.find(PubSub)) is not None:

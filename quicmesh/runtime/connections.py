@@ -6,13 +6,11 @@ channel calls. Everything here runs inside the endpoint's packet processing or t
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
-import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aioquic.quic import events
@@ -22,6 +20,7 @@ from quicmesh.config import Address, PeerConfig
 from quicmesh.errors import IdentityError, PeerNotConnectedError, ProtocolError, UnknownPeerError
 from quicmesh.protocol import wire
 from quicmesh.protocol.addresses import format_address
+from quicmesh.runtime import dialing
 from quicmesh.runtime.connection import REASON_LIMIT, Connection, ConnectionState, Transition
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
@@ -105,21 +104,15 @@ class Connections:
     def dial_address(self, address: tuple[str, int], expect: str | None = None) -> None:
         """A direct dial to one address, attributed to whoever proves its identity (a seed, whose name we do
         not know yet, or a hole-punched peer): kept or dropped by the peer manager like any connection."""
-        assert self.endpoint is not None and self.credentials is not None
-        quic = MeshQuicConnection(
-            configuration=self.credentials.quic_configuration(self._ctx.config, is_client=True),
-            verify_peer=lambda chain: self._verify(chain, expect),
-        )
-        link = self.endpoint.new_client_link(quic)
-        connection = Connection(link, self._datagrams.max_payload)
-        self.by_id[link.conn_id] = connection
-        self.mesh.inbound_started(link.conn_id, self._ctx.now())  # whose it is counts once it is ready
+        assert self.endpoint is not None
+        connection = self._client_connection(expect)
+        self.mesh.inbound_started(connection.conn_id, self._ctx.now())  # whose it is counts once it is ready
         self._reschedule()
-        resolved = _literal_address(address[0], address[1], self.endpoint.family)
+        resolved = dialing.sendable(address[0], address[1], self.endpoint.family)
         if resolved is not None:
-            self.endpoint.connect(link, resolved)
+            self.endpoint.connect(connection.link, resolved)
         else:
-            self._ctx.spawn(self._resolve_and_connect(connection, address[0], address[1]))
+            self._ctx.spawn(self._resolve_and_connect(connection, [address], expect))
 
     def _verify(self, chain: Any, expect: str | None) -> tuple[str, str]:
         peers = {name: peer.config for name, peer in self._ctx.peers.items()}
@@ -244,43 +237,63 @@ class Connections:
             self._timer = None
 
     def _dial(self, peer_name: str) -> None:
+        assert self.endpoint is not None
+        connection = self._client_connection(peer_name)
+        self.mesh.dial_started(peer_name, connection.conn_id, self._ctx.now())
+        addresses = [(address.host, address.port) for address in self._ctx.peers[peer_name].addresses]
+        only = dialing.sendable(*addresses[0], self.endpoint.family) if len(addresses) == 1 else None
+        if only is not None:
+            self.endpoint.connect(connection.link, only)
+        else:
+            self._ctx.spawn(self._resolve_and_connect(connection, addresses, peer_name))
+
+    def _client_connection(self, expect: str | None) -> Connection:
+        """A dial's QUIC connection on the shared socket; its peer must prove to be ``expect`` (None: any peer
+        this node accepts)."""
         assert self.endpoint is not None and self.credentials is not None
-        peer = self._ctx.peers[peer_name]
         quic = MeshQuicConnection(
             configuration=self.credentials.quic_configuration(self._ctx.config, is_client=True),
-            verify_peer=lambda chain: self._verify(chain, peer_name),
+            verify_peer=lambda chain: self._verify(chain, expect),
         )
         link = self.endpoint.new_client_link(quic)
-        connection = Connection(link, self._datagrams.max_payload)
-        self.by_id[link.conn_id] = connection
-        self.mesh.dial_started(peer_name, link.conn_id, self._ctx.now())
-        address = peer.config.address
-        resolved = _literal_address(address.host, address.port, self.endpoint.family)
-        if resolved is not None:
-            self.endpoint.connect(link, resolved)
-        else:
-            self._ctx.spawn(self._resolve_and_connect(connection, address.host, address.port))
+        connection = self.by_id[link.conn_id] = Connection(link, self._datagrams.max_payload)
+        return connection
 
-    async def _resolve_and_connect(self, connection: Connection, host: str, port: int) -> None:
+    async def _resolve_and_connect(self, connection: Connection, addresses: Sequence[tuple[str, int]],
+                                   expect: str | None) -> None:
+        """Resolve every address (A and AAAA records) and race them, IPv6 first (RFC 8305, runtime/dialing.py):
+        ``connection`` tries the first; each later one gets a connection of its own, attributed once verified
+        like an inbound one. The first handshake to complete wins; the others are closed."""
         assert self.endpoint is not None
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, family=self.endpoint.family, type=2)
-            if not infos:
-                raise OSError(f"no address for {host}")
-        except OSError as error:
-            reason = f"cannot resolve {host}: {error}"
+        targets, problems = await dialing.resolve(addresses, self.endpoint.family)
+        if connection.closing or not self._ctx.running or not targets:
             self.endpoint.abandon(connection.link)
             self.by_id.pop(connection.conn_id, None)
-            if self._ctx.running:
+            if self._ctx.running and not connection.closing:
+                reason = "; ".join(problems) or "no address to dial"
                 self.apply(self.mesh.connection_lost(connection.conn_id, reason, self._ctx.now()))
             return
-        if connection.closing or not self._ctx.running:
-            self.endpoint.abandon(connection.link)
-            self.by_id.pop(connection.conn_id, None)
-            return
-        sockaddr = infos[0][4]
-        self.endpoint.connect(connection.link, (sockaddr[0], sockaddr[1]))
+        attempts: list[Connection] = []
+
+        def start(target: tuple[str, int]) -> Connection:
+            assert self.endpoint is not None
+            attempt = self._client_connection(expect) if attempts else connection
+            if attempts:
+                self.mesh.inbound_started(attempt.conn_id, self._ctx.now())  # whose it is counts once it is ready
+                self._reschedule()
+            attempts.append(attempt)
+            self.endpoint.connect(attempt.link, target)
+            return attempt
+
+        def outcome(attempt: Connection) -> bool | None:
+            if attempt.hello is not None:
+                return True  # its handshake completed: that address works, whichever connection is kept
+            return False if attempt.closing or attempt.link.terminated or not self._ctx.running else None
+
+        winner = await dialing.race(targets, start, outcome, timeout=self._ctx.config.timers.handshake_timeout)
+        for attempt in attempts:
+            if attempt is not winner and self._ctx.running:
+                self.close(attempt, wire.ErrorCode.NO_ERROR, "another address of the peer answered first", quiet=True)
 
     def _peer_up(self, peer_name: str, conn_id: int) -> None:
         peer = self._ctx.peers.get(peer_name)
@@ -522,19 +535,6 @@ class Connections:
         asyncio.get_running_loop().call_later(
             grace, self.close, connection, wire.ErrorCode.DUPLICATE_CONNECTION, connection.retire_reason or ""
         )
-
-
-def _literal_address(host: str, port: int, family: int) -> tuple[str, int] | None:
-    """``(host, port)`` ready for sendto if host is an IP literal, mapping IPv4 onto a dual-stack socket."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if family == socket.AF_INET6 and ip.version == 4:
-        return (f"::ffff:{ip}", port)
-    if family == socket.AF_INET and ip.version == 6:
-        return None
-    return (str(ip), port)
 
 
 def _unmapped(host: str) -> str:

@@ -239,6 +239,16 @@ class FeatureHost:
             return 0
         return self._connections.mesh.view(peer, self._ctx.now()).consecutive_failures
 
+    def observed_address(self, peer: str) -> tuple[str, int] | None:
+        """The UDP address ``peer``'s direct connection receives from now: its NAT's public mapping when it is
+        behind one (it follows the peer's migrations); None without a direct connection (quicmesh/nat)."""
+        target = self._ctx.peers.get(peer)
+        connection = target.usable_connection if target is not None else None
+        if connection is None or connection.link.path is not None:
+            return None
+        address = connection.quic.get_peer_address()
+        return None if address is None else (address[0], address[1])
+
     def dial_relayed(self, peer: str, path: RelayPath) -> None:
         """Dial ``peer`` through a relay circuit (verified end to end exactly like a direct dial)."""
         self._connections.dial_relayed(peer, path)

@@ -40,6 +40,7 @@ from quicmesh.runtime.credentials import Credentials
 from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvent, PeerEvents, ReceiveHandler, Received, RequestHandler
 from quicmesh.membership.feature import MembershipFeature
+from quicmesh.nat.feature import NatFeature
 from quicmesh.relay.feature import RelayFeature
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.pubsub.feature import PubSub
@@ -74,6 +75,8 @@ class Node:
         self.features.add(self._pubsub)
         self._relay = RelayFeature(self.features)  # reaching peers through a third node (quicmesh/relay)
         self.features.add(self._relay)
+        self._nat = NatFeature(self.features)  # observed addresses, hole punching (quicmesh/nat)
+        self.features.add(self._nat)
         self._membership = MembershipFeature(self.features)  # announcements, seeds, CRLs (quicmesh/membership)
         self.features.add(self._membership)
         self._durable: DurableMessages | None = None  # [storage] path: durable messages (quicmesh/durable)
@@ -193,6 +196,7 @@ class Node:
                                         "fingerprint": self.fingerprint, "peers": len(ctx.peers)})
         connections.tick()
         self._relay.start()
+        self._nat.start()
         self._membership.start()
 
     async def stop(self, reason: str = "shutdown") -> None:

@@ -27,6 +27,7 @@ from quicmesh.config import (
     SecuritySection,
     LogSection,
     MeshSection,
+    NatSection,
     NodeSection,
     PeerConfig,
     PubSubSection,
@@ -189,7 +190,7 @@ def test_to_dict_is_plain_json_ready_data(tmp_path: Path) -> None:
     assert "fingerprint" not in data["peers"][0]  # TOML has no null: unset optional keys are left out
     assert data["timers"]["dead_after"] == 2.0
     assert set(data) == {"node", "tls", "peers", "limits", "timers", "control", "log", "security", "metrics",
-                         "health", "storage", "relay", "pubsub", "mesh", "services", "forwards"}
+                         "health", "storage", "relay", "pubsub", "mesh", "nat", "services", "forwards"}
 
 
 # --- errors, each with its key path -----------------------------------------------------------------
@@ -259,7 +260,7 @@ ERROR_CASES = [
     (_set("limit", {}), "limit: unknown section, did you mean 'limits'?"),
     (_set("peer", [{}]), "peer: unknown section, did you mean 'peers'?"),
     (_set("database", {}), "database: unknown section (known sections: node, tls, peers, limits, timers, control, "
-                                "log, security, metrics, health, storage, relay, pubsub, mesh, services, forwards)"),
+                                "log, security, metrics, health, storage, relay, pubsub, mesh, nat, services, forwards)"),
     (_set("listen", "0.0.0.0:1"), "listen: unknown section; 'listen' belongs in [node] or [metrics] or [[forwards]]"),
     (_set("tls.kye", "node.key"), "tls.kye: unknown key, did you mean 'key'?"),
     (_set("log", "debug"), 'log: must be a table, got "debug"'),
@@ -590,7 +591,8 @@ def test_example_config_parses_and_documents_every_key() -> None:
     classes = {"node": NodeSection, "tls": TlsSection, "peers": PeerConfig, "limits": Limits,
                "timers": Timers, "control": ControlSection, "log": LogSection,
                "security": SecuritySection, "metrics": MetricsSection, "health": HealthSection,
-               "storage": StorageSection, "relay": RelaySection, "pubsub": PubSubSection, "mesh": MeshSection, "services": ServiceConfig,
+               "storage": StorageSection, "relay": RelaySection, "pubsub": PubSubSection, "mesh": MeshSection, "nat": NatSection,
+               "services": ServiceConfig,
                "forwards": ForwardConfig}
     assert set(classes) == set(sections)
     assert _keys_by_section(text) == {

@@ -86,6 +86,7 @@ class FeatureTag(IntEnum):
     DURABLE = 0x02
     MEMBERSHIP = 0x03
     RELAY = 0x04
+    NAT = 0x05  # NAT traversal: observed addresses and hole-punch coordination (quicmesh/nat)
 
 
 class ResponseStatus(IntEnum):

@@ -1,0 +1,337 @@
+"""The NAT feature: observed addresses, and hole punching coordinated by a peer both sides reach.
+
+- **Observed addresses.** When a peer's direct connection becomes ready, the node asks it ``OBSERVE``: the answer
+  is the address that peer receives our packets from, i.e. our public mapping when a NAT is in between. Answers
+  from several peers say whether our NAT keeps one mapping for every destination (endpoint-independent: hole
+  punching can work) or not (status ``nat.mapping``). Answers are only shown and counted, never dialed.
+- **Punching.** Once a direct dial to a known peer B has failed (the trigger relaying uses too), the node A asks
+  its direct peers, nearest first, ``PUNCH(B)``. A peer R connected directly to both (the rendezvous) sends B
+  ``OFFER(A, A's address as R sees it)`` and answers A with B's address as R sees it; A and B then dial each other
+  at once from their one UDP port. Each outgoing packet opens its sender's NAT for the other side's packets, so
+  with endpoint-independent mapping on both sides the handshakes get through; the peer manager keeps one of the
+  connections (the same tie-break as always; a direct one replaces a relayed one). Behind a NAT that maps each
+  destination to a new port (symmetric) the dials fail quietly and the relayed path stays; punching is retried
+  with a backoff (2 s doubling to 60 s).
+- **Bounds.** Only verified peers can ask (feature requests come over their connections); punches asked of a
+  rendezvous and offers received are token-bucketed per peer (``[nat] punch_rate``/``punch_burst``), and an
+  offered or answered address is dialed only if it passes the policy: never loopback, multicast, link-local or
+  unspecified, and private (non-global) ones only with ``[nat] dial_private = true``. Refusals are counted
+  (status ``nat.counters``) and logged once per peer and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from quicmesh.errors import QuicmeshError
+from quicmesh.nat.frame import (
+    Observe,
+    Offer,
+    Punch,
+    decode_address,
+    decode_request,
+    encode_address,
+    encode_request,
+    unmapped,
+)
+from quicmesh.protocol import wire
+from quicmesh.protocol.addresses import format_address
+from quicmesh.runtime.features import FeatureBase, FeatureHost
+
+log = logging.getLogger("quicmesh.nat")
+
+_TAG = int(wire.FeatureTag.NAT)
+_TICK = 0.5  # seconds between looks for peers to punch to, while a known peer is not connected directly
+_IDLE_TICK = 5.0  # ... while every one is
+_RETRY_MIN, _RETRY_MAX = 2.0, 60.0  # after a punch attempt to a peer, wait this long before the next (doubling)
+_ASKED = 4  # direct peers asked to be the rendezvous, nearest first
+_REQUEST_TIMEOUT = 3.0
+
+
+class NatRefusedError(QuicmeshError):
+    """A peer asked for something the NAT feature does not do for it (the message says why)."""
+
+
+@dataclass
+class _Bucket:
+    """Requests one peer may make per second (a token bucket)."""
+
+    tokens: float
+    at: float
+
+    def take(self, rate: float, burst: int, now: float) -> bool:
+        if rate <= 0:
+            return True
+        self.tokens = min(float(burst), self.tokens + (now - self.at) * rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
+class NatCounters:
+    observed_reports: int = 0  # OBSERVE answers taken
+    bogus_reports: int = 0  # OBSERVE answers that were malformed or no usable address
+    observe_answered: int = 0  # OBSERVE requests answered (as the observer)
+    punches_started: int = 0  # punches this node dialed after a rendezvous answered
+    punches_direct: int = 0  # ... after which the peer was connected directly
+    punch_attempts_failed: int = 0  # no rendezvous could help (each refusal is in ``errors``)
+    offers_accepted: int = 0  # OFFERs this node dialed for
+    rendezvous_served: int = 0  # punches this node coordinated for two others
+    refused_rate: int = 0  # PUNCH or OFFER over the per-peer rate
+    refused_policy: int = 0  # an address outside the dial policy ([nat] dial_private, never loopback...)
+    refused_other: int = 0  # everything else (not connected to the target, unknown peer, punching off...)
+    errors: dict[str, str] = field(default_factory=dict)  # peer -> why the last punch attempt to it failed
+
+
+class NatFeature(FeatureBase):
+    feature_tags = frozenset({_TAG})
+
+    def __init__(self, host: FeatureHost) -> None:
+        self._host = host
+        self._observed: dict[str, tuple[str, int]] = {}  # peer -> our address as that peer sees it
+        self._attempting: set[str] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # peer -> (no punch before, next wait)
+        self._punched: dict[str, float] = {}  # peer -> when we last dialed it for a punch (not yet direct)
+        self._buckets: dict[str, _Bucket] = {}
+        self._logged: set[tuple[str, str]] = set()  # (peer, reason) refusals already logged
+        self._timer: asyncio.TimerHandle | None = None
+        self.counters = NatCounters()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._schedule(_TICK)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._host.running:
+            return
+        direct = self._host.direct_peers()
+        self._consider_punching(direct)
+        everyone = {peer.name for peer in self._host.config.peers} <= set(direct)
+        self._schedule(_IDLE_TICK if everyone else _TICK)
+
+    def node_stopping(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- the seam -------------------------------------------------------------------------------------
+    def peer_ready(self, peer: str, epoch: int) -> None:
+        if peer not in self._host.direct_peers():
+            return
+        self._retry.pop(peer, None)  # reached directly: a later loss starts a fresh backoff
+        self.counters.errors.pop(peer, None)
+        if self._punched.pop(peer, None) is not None:
+            self.counters.punches_direct += 1
+            log.info("connected to %s directly after hole punching", peer)
+        self._host.spawn(self._observe(peer))
+
+    def peer_lost(self, peer: str, reason: str) -> None:
+        self._observed.pop(peer, None)
+        if self._host.running:
+            self._schedule(_TICK)
+
+    def request_received(self, peer: str, tag: int, data: bytes) -> Awaitable[bytes] | bytes:
+        request = decode_request(data)
+        if isinstance(request, Observe):
+            return self._answer_observe(peer)
+        if isinstance(request, Punch):
+            return self._rendezvous(peer, request.target)
+        return self._offered(peer, request)
+
+    # --- observed addresses ---------------------------------------------------------------------------
+    async def _observe(self, peer: str) -> None:
+        try:
+            answer = await self._host.request(peer, _TAG, encode_request(Observe()), timeout=_REQUEST_TIMEOUT)
+        except QuicmeshError as error:  # an older node, rendezvous off, gone: nothing learnt
+            log.debug("%s did not say where it sees us: %s", peer, error)
+            return
+        try:
+            address = decode_address(answer)
+            ip = ipaddress.ip_address(address[0])
+            if ip.is_unspecified or ip.is_multicast:
+                raise QuicmeshError(f"{address[0]} is no address a peer can see us at")
+        except QuicmeshError as error:
+            self.counters.bogus_reports += 1
+            self._log_refusal(peer, f"bogus observed-address report from {peer}: {error}")
+            return
+        self.counters.observed_reports += 1
+        if self._observed.get(peer) != address:
+            log.info("%s sees this node at %s", peer, format_address(address))
+        self._observed[peer] = address
+
+    def _answer_observe(self, peer: str) -> bytes:
+        if not self._host.config.nat.rendezvous:
+            raise self._refuse(peer, "other", f"{self._host.node_name} reports no addresses ([nat] rendezvous = false)")
+        address = self._host.observed_address(peer)
+        if address is None:
+            raise self._refuse(peer, "other", f"{self._host.node_name} has no direct connection to {peer}")
+        self.counters.observe_answered += 1
+        return encode_address(address)
+
+    def mapping(self) -> str:
+        """What the observed addresses say about our NAT (see docs/NAT.md)."""
+        seen = set(self._observed.values())
+        if len(self._observed) < 2:
+            return "unknown"
+        if len(seen) == 1:
+            return "endpoint-independent"
+        if len({ip for ip, _ in seen}) == 1:
+            return "endpoint-dependent"
+        return "several"  # peers see us at different IPs: we reach them through different networks
+
+    # --- punching, as the node that wants a direct path ---------------------------------------------------
+    def _consider_punching(self, direct: dict[str, float | None]) -> None:
+        if not self._host.config.nat.punch:
+            return
+        now = time.monotonic()
+        for peer in self._host.config.peers:
+            target = peer.name
+            if target in direct or target in self._attempting or now < self._retry.get(target, (0.0, 0.0))[0]:
+                continue
+            if not self._host.direct_failures(target):
+                continue  # no direct dial failed yet: the plain dial may well work
+            if not any(name != target for name in direct):
+                continue  # nobody to coordinate through
+            self._attempting.add(target)
+            self._host.spawn(self._punch(target))
+
+    async def _punch(self, target: str) -> None:
+        try:
+            reason = await self._try_rendezvous(target)
+        finally:
+            self._attempting.discard(target)
+        self._back_off(target)
+        if reason is None:
+            return
+        self.counters.punch_attempts_failed += 1
+        if self.counters.errors.get(target) != reason:
+            log.info("cannot punch a direct path to %s: %s", target, reason)
+        self.counters.errors[target] = reason
+
+    def _back_off(self, target: str) -> None:
+        wait = self._retry.get(target, (0.0, _RETRY_MIN))[1]
+        self._retry[target] = (time.monotonic() + wait, min(_RETRY_MAX, wait * 2))
+
+    async def _try_rendezvous(self, target: str) -> str | None:
+        """Ask direct peers, nearest first, to coordinate a punch to ``target``; None once one did."""
+        direct = {name: rtt for name, rtt in self._host.direct_peers().items() if name != target}
+        refusals = []
+        for rendezvous in sorted(direct, key=lambda name: direct[name] or 0.0)[:_ASKED]:
+            try:
+                answer = await self._host.request(rendezvous, _TAG, encode_request(Punch(target)),
+                                                  timeout=_REQUEST_TIMEOUT)
+                address = decode_address(answer)
+            except QuicmeshError as error:
+                refusals.append(f"{rendezvous}: {error}")
+                continue
+            problem = self._policy(address)
+            if problem is not None:
+                self.counters.refused_policy += 1
+                refusals.append(f"{rendezvous} answered {format_address(address)}: {problem}")
+                continue
+            log.info("punching to %s at %s (rendezvous %s)", target, format_address(address), rendezvous)
+            self._dial(target, address)
+            return None
+        return "; ".join(refusals) or "no direct peer to coordinate through"
+
+    def _dial(self, target: str, address: tuple[str, int]) -> None:
+        self.counters.punches_started += 1
+        self._punched[target] = time.monotonic()
+        self._host.dial_address(address, expect=target)
+
+    # --- as the rendezvous ----------------------------------------------------------------------------
+    async def _rendezvous(self, source: str, target: str) -> bytes:
+        config = self._host.config.nat
+        me = self._host.node_name
+        if not config.rendezvous:
+            raise self._refuse(source, "other", f"{me} coordinates no punches ([nat] rendezvous = false)")
+        if not self._take(source):
+            raise self._refuse(source, "rate", f"{source} asks {me} for punches too often ([nat] punch_rate)")
+        if target in (source, me):
+            raise self._refuse(source, "other", f"a punch from {source} to {target} through {me} is a loop")
+        source_address, target_address = self._host.observed_address(source), self._host.observed_address(target)
+        if source_address is None or target_address is None:
+            missing = source if source_address is None else target
+            raise self._refuse(source, "other", f"{me} has no direct connection to {missing}")
+        try:
+            await self._host.request(target, _TAG, encode_request(Offer(source, source_address)),
+                                     timeout=_REQUEST_TIMEOUT)
+        except QuicmeshError as error:
+            raise NatRefusedError(f"{target} declined: {error}") from None
+        self.counters.rendezvous_served += 1
+        log.info("coordinated a punch %s (%s) <-> %s (%s)", source, format_address(source_address), target,
+                 format_address(target_address))
+        return encode_address(target_address)
+
+    # --- as the target ----------------------------------------------------------------------------------
+    def _offered(self, rendezvous: str, offer: Offer) -> bytes:
+        config = self._host.config
+        me = self._host.node_name
+        if not config.nat.punch:
+            raise self._refuse(rendezvous, "other", f"{me} does not punch ([nat] punch = false)")
+        if not self._take(rendezvous):
+            raise self._refuse(rendezvous, "rate", f"{rendezvous} offers {me} punches too often ([nat] punch_rate)")
+        if config.peer(offer.source) is None or offer.source in (me, rendezvous):
+            raise self._refuse(rendezvous, "other", f"{offer.source} is not a peer {me} punches to")
+        if offer.source in self._host.direct_peers():
+            raise self._refuse(rendezvous, "other", f"{me} is already connected to {offer.source} directly")
+        problem = self._policy(offer.address)
+        if problem is not None:
+            raise self._refuse(rendezvous, "policy", f"{format_address(offer.address)}: {problem}")
+        self.counters.offers_accepted += 1
+        log.info("punching to %s at %s (offered by %s)", offer.source, format_address(offer.address), rendezvous)
+        self._back_off(offer.source)  # this is our attempt too: no second one of our own meanwhile
+        self._dial(offer.source, offer.address)
+        return b""
+
+    # --- bounds ---------------------------------------------------------------------------------------
+    def _policy(self, address: tuple[str, int]) -> str | None:
+        """Why ``address`` must not be dialed because a peer named it, or None."""
+        ip = unmapped(ipaddress.ip_address(address[0]))
+        if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+            return "loopback, multicast, link-local and unspecified addresses are never dialed"
+        if not ip.is_global and not self._host.config.nat.dial_private:
+            return "a private address, dialed only with [nat] dial_private = true"
+        return None
+
+    def _take(self, peer: str) -> bool:
+        config, now = self._host.config.nat, time.monotonic()
+        bucket = self._buckets.setdefault(peer, _Bucket(float(config.punch_burst), now))
+        return bucket.take(config.punch_rate, config.punch_burst, now)
+
+    def _refuse(self, peer: str, kind: str, reason: str) -> NatRefusedError:
+        counter = f"refused_{kind}"
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        self._log_refusal(peer, reason)
+        return NatRefusedError(reason)
+
+    def _log_refusal(self, peer: str, reason: str) -> None:
+        if (peer, reason) not in self._logged and len(self._logged) < 1024:
+            self._logged.add((peer, reason))
+            log.warning("%s", reason, extra={"event": "nat_refused", "peer": peer})
+
+    # --- status ---------------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        public = Counter(format_address(address) for address in self._observed.values())
+        return {
+            "observed": {peer: format_address(address) for peer, address in sorted(self._observed.items())},
+            "public": [address for address, _ in public.most_common()],
+            "mapping": self.mapping(),
+            "counters": {key: value for key, value in vars(self.counters).items() if key != "errors"},
+            "errors": dict(self.counters.errors),
+        }
