@@ -15,9 +15,9 @@ from quicmesh.membership.core import RUMOR_FANOUT
 
 
 def test_200_members_from_one_seed_converge_with_bounded_traffic_and_connections() -> None:
-    s = MeshSection(members="any-certified", idle_close=10.0, member_timeout=45.0)
+    s = MeshSection(members="any-certified", idle_close=5.0, member_timeout=35.0)
     members, talkers = 200, 5
-    r = run_scenario(members, s, talkers=talkers, talk_for=10.0)
+    r = run_scenario(members, s, talkers=talkers, talk_for=5.0)
     assert r["mode"] == "on-demand"
     assert r["converge_s"] is not None and r["converge_s"] < 10.0
     assert r["convergence"]["messages_per_node_s"] < 250
