@@ -2,9 +2,12 @@
 
 ``python -m quicmesh.bench.meshscale 8 16 32`` (also ``compare --mesh 8,16,32``). Each node process loads
 its config and credentials, then waits; all are told to start at once, and convergence is the time from
-that moment until every node has every peer connected. Memory: each node's resident-set growth from
-started to converged, divided by its N-1 connections, includes what starting costs once (modules loaded on
-first use, ~3 MiB); the marginal figure, the growth of a node's resident set from one mesh size to the
+that moment until every node has every peer connected. The mesh forms from static lists (every node's
+[[peers]] names all the others, as `quicmesh-pki bootstrap` writes them) or, with ``--seed``, from one seed
+(issue 16: no [[peers]], ``[mesh] members = "any-certified"``, ``seeds = [node 0]``: each node learns the
+others from signed announcements); ``--both`` measures both, side by side, in one run (``meshscale 8 16 32
+--both``). Memory: each node's resident-set growth from started to converged, divided by its N-1
+connections, includes what starting costs once (modules loaded on first use, ~3 MiB); the marginal figure, the growth of a node's resident set from one mesh size to the
 next divided by the connections it gained, is what one more connection costs. Idle CPU is what all the
 processes used over a quiet interval once converged (keepalives only), in percent of one core.
 """
@@ -46,8 +49,8 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-async def _node_main(config_path: str, host: str) -> int:
-    from quicmesh.config import load_config
+async def _node_main(config_path: str, host: str, seed: str | None, members: int) -> int:
+    from quicmesh.config import MeshSection, load_config, parse_address
     from quicmesh.runtime.node import Node
 
     import logging
@@ -58,6 +61,9 @@ async def _node_main(config_path: str, host: str) -> int:
     # peer that dialed 127.0.0.x from 127.0.0.1, and aioquic's client ignores a handshake from another address.
     config = dataclasses.replace(config, node=dataclasses.replace(
         config.node, listen=dataclasses.replace(config.node.listen, host=host)))
+    if seed is not None:  # the static lists dropped: this node knows only the seed's address
+        config = dataclasses.replace(config, peers=(), mesh=MeshSection(members="any-certified",
+                                                                         seeds=(parse_address(seed),)))
     node = Node(config)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -76,7 +82,12 @@ async def _node_main(config_path: str, host: str) -> int:
 
     watcher = None
     try:
-        await node.wait_connected(timeout=CONVERGE_TIMEOUT)
+        if seed is None:
+            await node.wait_connected(timeout=CONVERGE_TIMEOUT)
+        else:
+            async with asyncio.timeout(CONVERGE_TIMEOUT):
+                while len(node.connected_peers()) < members - 1:
+                    await asyncio.sleep(0.02)
         emit("converged", at=time.monotonic(), rss_before=rss_before, rss=_rss(),
              connections=len(node.connected_peers()))
         async with asyncio.timeout(CONVERGE_TIMEOUT + IDLE_SETTLE + IDLE_MEASURE + 30):
@@ -93,8 +104,9 @@ async def _node_main(config_path: str, host: str) -> int:
 
 
 def run_mesh(count: int, *, loop: str = "auto", log: Any = None, idle_settle: float = IDLE_SETTLE,
-             idle_measure: float = IDLE_MEASURE) -> dict[str, Any]:
-    """Start ``count`` nodes, one process each, and measure; returns the figures."""
+             idle_measure: float = IDLE_MEASURE, seed: bool = False) -> dict[str, Any]:
+    """Start ``count`` nodes, one process each, and measure; returns the figures. ``seed``: the nodes know
+    only node 0's address instead of each other (open membership)."""
     from pki.bootstrap import bootstrap, parse_node_spec
 
     if not 2 <= count <= 200:
@@ -110,21 +122,24 @@ def run_mesh(count: int, *, loop: str = "auto", log: Any = None, idle_settle: fl
             specs.append(parse_node_spec(f"n{index}={host}:{port}"))
         bootstrap(Path(tmp), "scale", specs)
         configs = [(str(Path(tmp) / spec.name / "node.toml"), spec.host) for spec in specs]
-        result = asyncio.run(_measure(configs, loop, Path(tmp), idle_settle, idle_measure))
+        seed_address = f"{specs[0].host}:{specs[0].port}" if seed else None
+        result = asyncio.run(_measure(configs, loop, Path(tmp), idle_settle, idle_measure, seed_address))
     result["nodes"] = count
     result["loop"] = loop
+    result["formed"] = "seed" if seed else "static"
     if log:
-        log(f"  mesh of {count}: converged in {result['converge_s']:.2f}s, "
+        log(f"  mesh of {count}{_formed(result)}: converged in {result['converge_s']:.2f}s, "
             f"{result['kib_per_connection']:.0f} KiB/connection, idle CPU {result['idle_cpu_pct']:.1f}% of one core")
     return result
 
 
 async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_settle: float,
-                   idle_measure: float) -> dict[str, Any]:
+                   idle_measure: float, seed: str | None) -> dict[str, Any]:
     workers = []
     try:
         for index, (config, host) in enumerate(configs):
-            args = ["-m", "quicmesh.bench.meshscale", "--node", config, "--host", host, "--loop", loop]
+            args = ["-m", "quicmesh.bench.meshscale", "--node", config, "--host", host, "--loop", loop,
+                    "--members", str(len(configs)), *(["--seed-address", seed] if seed else [])]
             workers.append(await _spawn_generic(f"n{index}", args, open(tmp / f"n{index}.stderr", "w+")))
         await asyncio.gather(*(w.expect("loaded", CONVERGE_TIMEOUT) for w in workers))
         go = time.monotonic()
@@ -165,14 +180,20 @@ async def _measure(configs: list[tuple[str, str]], loop: str, tmp: Path, idle_se
 
 
 def add_marginal(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``marginal_kib_per_connection`` of each result after the first: what a node's resident set grew by
-    from the previous (smaller) mesh, per connection gained."""
+    """``marginal_kib_per_connection`` of each result after the first of the same formation: what a node's
+    resident set grew by from the previous (smaller) mesh, per connection gained."""
+    for formed in {r.get("formed", "static") for r in results}:
+        same = sorted((r for r in results if r.get("formed", "static") == formed), key=lambda r: r["nodes"])
+        _add_marginal(same)
+    return results
+
+
+def _add_marginal(results: list[dict[str, Any]]) -> None:
     for smaller, larger in zip(results, results[1:]):
         gained = larger["nodes"] - smaller["nodes"]
         if gained > 0:
             grown = larger["converged_rss_mib_per_node"] - smaller["converged_rss_mib_per_node"]
             larger["marginal_kib_per_connection"] = grown * 1024 / gained
-    return results
 
 
 def render_mesh(results: list[dict[str, Any]]) -> str:
@@ -181,7 +202,8 @@ def render_mesh(results: list[dict[str, Any]]) -> str:
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         marginal = r.get("marginal_kib_per_connection")
-        lines.append(f"| {r['nodes']} nodes, {r['nodes'] * (r['nodes'] - 1) // 2} connections ({r['loop']}) | "
+        lines.append(f"| {r['nodes']} nodes, {r['nodes'] * (r['nodes'] - 1) // 2} connections{_formed(r)} "
+                     f"({r['loop']}) | "
                      f"{r['converge_s']:.2f} s | {r['kib_per_connection']:.0f} KiB (max {r['max_kib_per_connection']:.0f}) | "
                      f"{'-' if marginal is None else f'{marginal:.0f} KiB'} | "
                      f"{r['idle_cpu_pct']:.1f}% of a core | {r['idle_cpu_pct_per_node']:.2f}% | "
@@ -189,8 +211,13 @@ def render_mesh(results: list[dict[str, Any]]) -> str:
     for r in results:
         drops = r.get("drops_while_idle", [])
         if drops:
-            lines.append(f"\n{r['nodes']} nodes: {len(drops)} disconnects while idle, e.g. " + "; ".join(drops[:5]))
+            lines.append(f"\n{r['nodes']} nodes{_formed(r)}: {len(drops)} disconnects while idle, e.g. "
+                         + "; ".join(drops[:5]))
     return "\n".join(lines)
+
+
+def _formed(result: dict[str, Any]) -> str:
+    return ", from one seed" if result.get("formed") == "seed" else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,13 +230,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
+    formation = parser.add_mutually_exclusive_group()
+    formation.add_argument("--seed", action="store_true",
+                           help="form each mesh from one seed (no [[peers]]; members learnt from announcements)")
+    formation.add_argument("--both", action="store_true",
+                           help="measure each size from static lists and from one seed, side by side")
+    parser.add_argument("--seed-address", help=argparse.SUPPRESS)  # a node of a --seed mesh: node 0's address
+    parser.add_argument("--members", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.node:
-        return run_on(args.loop, lambda: _node_main(args.node, args.host))
-    results = add_marginal([run_mesh(n, loop=args.loop, log=lambda line: print(line, file=sys.stderr, flush=True))
-                            for n in sorted(args.sizes)])
-    print(json.dumps(results, indent=2) if args.json else render_mesh(results))
-    return 0
+        return run_on(args.loop, lambda: _node_main(args.node, args.host, args.seed_address, args.members or 0))
+    seeded = (False, True) if args.both else (args.seed,)
+    results, unconverged = [], []
+    for count in sorted(args.sizes):
+        for seed in seeded:
+            try:
+                results.append(run_mesh(count, loop=args.loop, seed=seed,
+                                        log=lambda line: print(line, file=sys.stderr, flush=True)))
+            except TimeoutError:  # one mesh that does not form must not lose the others' figures
+                unconverged.append(f"{count} nodes{_formed({'formed': 'seed' if seed else 'static'})}: did not "
+                                   f"converge within {CONVERGE_TIMEOUT:g} s (QUICMESH_MESHSCALE_TIMEOUT)")
+                print(f"  {unconverged[-1]}", file=sys.stderr, flush=True)
+    add_marginal(results)
+    print(json.dumps(results, indent=2) if args.json else "\n".join([render_mesh(results), *unconverged]))
+    return 1 if unconverged else 0
 
 
 if __name__ == "__main__":

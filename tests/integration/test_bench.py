@@ -137,3 +137,16 @@ def test_mesh_scale_smoke() -> None:
     smaller = {**result, "nodes": 2, "converged_rss_mib_per_node": result["converged_rss_mib_per_node"] - 0.25}
     assert add_marginal([smaller, result])[1]["marginal_kib_per_connection"] == pytest.approx(256)
     assert "| 256 KiB |" in render_mesh([smaller, result])
+
+
+def test_mesh_scale_from_one_seed() -> None:
+    """meshscale --seed (issue 16): no [[peers]], every node knows only node 0, and the full mesh still forms."""
+    from quicmesh.bench.meshscale import add_marginal, render_mesh, run_mesh
+
+    result = run_mesh(3, seed=True, idle_settle=0.2, idle_measure=0.5)
+    assert result["formed"] == "seed" and result["converge_s"] > 0 and result["still_connected"]
+    assert result["drops_while_idle"] == []
+    assert "3 nodes, 3 connections, from one seed" in render_mesh([result])
+    # the marginal cost is taken between meshes formed the same way only
+    static = {**result, "formed": "static", "nodes": 2}
+    assert "marginal_kib_per_connection" not in add_marginal([static, result])[1]
