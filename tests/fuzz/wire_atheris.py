@@ -16,12 +16,13 @@ with atheris.instrument_imports():
     from quicmesh.durable import frame as durable_frame
     from quicmesh.membership import announcement as membership_announcement
     from quicmesh.membership import messages as membership_messages
+    from quicmesh.nat import frame as nat_frame
     from quicmesh.errors import ProtocolError
 
 
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 16)
+    target = fdp.ConsumeIntInRange(0, 18)
     cut = fdp.ConsumeIntInRange(0, 64)
     end = fdp.ConsumeBool()
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
@@ -35,6 +36,8 @@ def one_input(data: bytes) -> None:
             wire.decode_datagram_batch(payload)
         elif target == 14:  # durable: the DURABLE feature message body
             durable_frame.decode_durable(payload)
+        elif target >= 17:  # NAT: a NAT feature request body, an address answer
+            (nat_frame.decode_request, nat_frame.decode_address)[target - 17](payload)
         elif target >= 15:  # membership: a signed announcement, a MEMBERSHIP message body
             (membership_announcement.decode_announcement, membership_messages.decode_message)[target - 15](payload)
         elif target >= 12:  # relay: RELAY_UP/RELAY_DOWN datagrams, relay messages
