@@ -4,14 +4,14 @@
   is the address that peer receives our packets from, i.e. our public mapping when a NAT is in between. Answers
   from several peers say whether our NAT keeps one mapping for every destination (endpoint-independent: hole
   punching can work) or not (status ``nat.mapping``). Answers are only shown and counted, never dialed.
-- **Punching.** Once a direct dial to a known peer B has failed (the trigger relaying uses too), the node A asks
+- **Punching.** Once a direct dial to a known peer B has failed, or B was not reached directly for a second, A asks
   its direct peers, nearest first, ``PUNCH(B)``. A peer R connected directly to both (the rendezvous) sends B
   ``OFFER(A, A's address as R sees it)`` and answers A with B's address as R sees it; A and B then dial each other
   at once from their one UDP port. Each outgoing packet opens its sender's NAT for the other side's packets, so
   with endpoint-independent mapping on both sides the handshakes get through; the peer manager keeps one of the
   connections (the same tie-break as always; a direct one replaces a relayed one). Behind a NAT that maps each
   destination to a new port (symmetric) the dials fail quietly and the relayed path stays; punching is retried
-  with a backoff (2 s doubling to 60 s).
+  with a backoff (1 s doubling to 60 s).
 - **Bounds.** Only verified peers can ask (feature requests come over their connections); punches asked of a
   rendezvous and offers received are token-bucketed per peer (``[nat] punch_rate``/``punch_burst``), and an
   offered or answered address is dialed only if it passes the policy: never loopback, multicast, link-local or
@@ -49,8 +49,11 @@ log = logging.getLogger("quicmesh.nat")
 _TAG = int(wire.FeatureTag.NAT)
 _TICK = 0.5  # seconds between looks for peers to punch to, while a known peer is not connected directly
 _IDLE_TICK = 5.0  # ... while every one is
-_RETRY_MIN, _RETRY_MAX = 2.0, 60.0  # after a punch attempt to a peer, wait this long before the next (doubling)
+_RETRY_MIN, _RETRY_MAX = 1.0, 60.0  # after a punch attempt to a peer, wait this long before the next (doubling)
 _ASKED = 4  # direct peers asked to be the rendezvous, nearest first
+#: A peer not reached directly this long is punched to even before a dial to it failed (a dial into a NAT fails
+#: only at timers.handshake_timeout): a few round trips, so a plain dial that works wins first.
+_PUNCH_AFTER = 1.0
 _REQUEST_TIMEOUT = 3.0
 
 
@@ -101,6 +104,8 @@ class NatFeature(FeatureBase):
         self._attempting: set[str] = set()
         self._retry: dict[str, tuple[float, float]] = {}  # peer -> (no punch before, next wait)
         self._punched: dict[str, float] = {}  # peer -> when we last dialed it for a punch (not yet direct)
+        self._unreached: dict[str, float] = {}  # peer -> since when it has not been reached directly
+        self._started = 0.0
         self._buckets: dict[str, _Bucket] = {}
         self._logged: set[tuple[str, str]] = set()  # (peer, reason) refusals already logged
         self._timer: asyncio.TimerHandle | None = None
@@ -108,6 +113,7 @@ class NatFeature(FeatureBase):
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
+        self._started = time.monotonic()  # every peer is unreached from here (the first dials start now)
         self._schedule(_TICK)
 
     def _schedule(self, delay: float) -> None:
@@ -142,6 +148,7 @@ class NatFeature(FeatureBase):
 
     def peer_lost(self, peer: str, reason: str) -> None:
         self._observed.pop(peer, None)
+        self._unreached[peer] = time.monotonic()
         if self._host.running:
             self._schedule(_TICK)
 
@@ -199,12 +206,16 @@ class NatFeature(FeatureBase):
         if not self._host.config.nat.punch:
             return
         now = time.monotonic()
+        for target in list(self._unreached):
+            if target in direct:
+                del self._unreached[target]
         for peer in self._host.config.peers:
             target = peer.name
             if target in direct or target in self._attempting or now < self._retry.get(target, (0.0, 0.0))[0]:
                 continue
-            if not self._host.direct_failures(target):
-                continue  # no direct dial failed yet: the plain dial may well work
+            since = self._unreached.setdefault(target, self._started)
+            if not self._host.direct_failures(target) and now - since < _PUNCH_AFTER:
+                continue  # the plain dial may well work: give it a moment (it fails only after handshake_timeout)
             if not any(name != target for name in direct):
                 continue  # nobody to coordinate through
             self._attempting.add(target)

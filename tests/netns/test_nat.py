@@ -139,7 +139,7 @@ def test_symmetric_nat_stays_relayed_without_flapping(directory: Path) -> None:
             async with await ControlClient.connect(mesh.socket("a")) as client:
                 sender = Sender(client, "b")
                 watched = 0
-                until = time.monotonic() + 8.0  # a few punch attempts (they back off from 2 s)
+                until = time.monotonic() + 8.0  # a few punch attempts (they back off from 1 s)
                 while time.monotonic() < until:
                     await sender.send(20, timeout=10)
                     paths = (await mesh.path("a", "b"), await mesh.path("b", "a"))
