@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -108,32 +109,24 @@ class NatFeature(FeatureBase):
         self._started = 0.0
         self._buckets: dict[str, _Bucket] = {}
         self._logged: set[tuple[str, str]] = set()  # (peer, reason) refusals already logged
-        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
         self.counters = NatCounters()
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         self._started = time.monotonic()  # every peer is unreached from here (the first dials start now)
-        self._schedule(_TICK)
+        self._host.spawn(self._watch())
 
-    def _schedule(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if not self._host.running:
-            return
-        direct = self._host.direct_peers()
-        self._consider_punching(direct)
-        everyone = {peer.name for peer in self._host.config.peers} <= set(direct)
-        self._schedule(_IDLE_TICK if everyone else _TICK)
-
-    def node_stopping(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    async def _watch(self) -> None:
+        """Look for peers to punch to every 0.5 s while a configured peer is not reached directly, every 5 s
+        otherwise (a reload may add one), and at once when a peer is lost. Ends with the node (its task)."""
+        while self._host.running:
+            direct = self._host.direct_peers()
+            self._consider_punching(direct)
+            everyone = {peer.name for peer in self._host.config.peers} <= set(direct)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _IDLE_TICK if everyone else _TICK)
 
     # --- the seam -------------------------------------------------------------------------------------
     def peer_ready(self, peer: str, epoch: int) -> None:
@@ -143,14 +136,13 @@ class NatFeature(FeatureBase):
         self.counters.errors.pop(peer, None)
         if self._punched.pop(peer, None) is not None:
             self.counters.punches_direct += 1
-            log.info("connected to %s directly after hole punching", peer)
+            log.info("connected to %s directly after hole punching", peer, extra={"event": "nat_direct", "peer": peer})
         self._host.spawn(self._observe(peer))
 
     def peer_lost(self, peer: str, reason: str) -> None:
         self._observed.pop(peer, None)
         self._unreached[peer] = time.monotonic()
-        if self._host.running:
-            self._schedule(_TICK)
+        self._wake.set()
 
     def request_received(self, peer: str, tag: int, data: bytes) -> Awaitable[bytes] | bytes:
         request = decode_request(data)
@@ -255,7 +247,8 @@ class NatFeature(FeatureBase):
                 self.counters.refused_policy += 1
                 refusals.append(f"{rendezvous} answered {format_address(address)}: {problem}")
                 continue
-            log.info("punching to %s at %s (rendezvous %s)", target, format_address(address), rendezvous)
+            log.info("punching to %s at %s (rendezvous %s)", target, format_address(address), rendezvous, extra={
+                "event": "nat_punch", "peer": target, "address": format_address(address), "rendezvous": rendezvous})
             self._dial(target, address)
             return None
         return "; ".join(refusals) or "no direct peer to coordinate through"
@@ -305,7 +298,9 @@ class NatFeature(FeatureBase):
         if problem is not None:
             raise self._refuse(rendezvous, "policy", f"{format_address(offer.address)}: {problem}")
         self.counters.offers_accepted += 1
-        log.info("punching to %s at %s (offered by %s)", offer.source, format_address(offer.address), rendezvous)
+        log.info("punching to %s at %s (offered by %s)", offer.source, format_address(offer.address), rendezvous,
+                 extra={"event": "nat_punch", "peer": offer.source, "address": format_address(offer.address),
+                        "rendezvous": rendezvous})
         self._back_off(offer.source)  # this is our attempt too: no second one of our own meanwhile
         self._dial(offer.source, offer.address)
         return b""

@@ -20,7 +20,6 @@ from enum import IntEnum
 
 from quicmesh.errors import ProtocolError
 from quicmesh.protocol import wire
-from quicmesh.protocol.names import is_valid_name
 
 _SIZES = {4: 4, 6: 16}
 
@@ -54,8 +53,8 @@ def encode_request(request: NatRequest) -> bytes:
     if isinstance(request, Observe):
         return wire.encode_varint(NatOp.OBSERVE)
     if isinstance(request, Punch):
-        return wire.encode_varint(NatOp.PUNCH) + _name(request.target)
-    return wire.encode_varint(NatOp.OFFER) + encode_address(request.address) + _name(request.source)
+        return wire.encode_varint(NatOp.PUNCH) + wire.encode_node_name(request.target)
+    return wire.encode_varint(NatOp.OFFER) + encode_address(request.address) + wire.encode_node_name(request.source)
 
 
 def decode_request(data: bytes) -> NatRequest:
@@ -66,10 +65,10 @@ def decode_request(data: bytes) -> NatRequest:
             raise _error("trailing bytes in an OBSERVE request")
         return Observe()
     if op == NatOp.PUNCH:
-        return Punch(_read_name(data[pos:]))
+        return Punch(wire.decode_node_name(data[pos:], "NAT request"))
     if op == NatOp.OFFER:
         address, pos = _read_address(data, pos)
-        return Offer(_read_name(data[pos:]), address)
+        return Offer(wire.decode_node_name(data[pos:], "NAT request"), address)
     raise _error(f"unknown NAT op {op}")
 
 
@@ -117,22 +116,6 @@ def _op(data: bytes) -> tuple[int, int]:
     if parsed is None:
         raise _error("empty or truncated NAT request")
     return parsed
-
-
-def _name(name: str) -> bytes:
-    if not is_valid_name(name):
-        raise ValueError(f"not a node name: {name!r}")
-    return name.encode()
-
-
-def _read_name(raw: bytes) -> str:
-    try:
-        name = bytes(raw).decode("ascii")
-    except UnicodeDecodeError:
-        name = ""
-    if not is_valid_name(name):
-        raise _error("NAT request names no valid node")
-    return name
 
 
 def _error(reason: str) -> ProtocolError:

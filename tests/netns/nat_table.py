@@ -17,18 +17,18 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from netns.test_nat import make_mesh  # noqa: E402
-from netns.topology import EIM, SYMMETRIC, Topology  # noqa: E402
+from netns.test_nat import make_mesh, seconds_after_start
+from netns.test_relay import Mesh
+from netns.topology import EIM, SYMMETRIC, Topology
 
 COMBINATIONS = [(None, EIM), (None, SYMMETRIC), (EIM, EIM), (EIM, SYMMETRIC), (SYMMETRIC, SYMMETRIC)]
 
 
-async def watch(mesh, seconds: float) -> tuple[str | None, float | None, int]:  # noqa: ANN001
+async def watch(mesh: Mesh, seconds: float) -> tuple[str | None, float | None, int]:
     """a's path to b at the end, seconds to the first direct path, flaps (a path lost or left for a worse one)."""
     started = time.monotonic()
     first_direct, changes, last = None, 0, None
@@ -52,17 +52,7 @@ def trial(nat_a: str | None, nat_b: str | None, seconds: float) -> tuple[str | N
         for name in ("r", "a", "b"):
             mesh.start(name)
         path, _, flaps = asyncio.run(watch(mesh, seconds))
-        return path, direct_after_start(mesh.log("a")) if path == "direct" else None, flaps
-
-
-def direct_after_start(log: str) -> float | None:
-    """Seconds from a's endpoint starting (after the interpreter's start-up) to its first direct path to b."""
-    lines = log.splitlines()
-    started = next((line for line in lines if "event=endpoint_started" in line), None)
-    direct = next((line for line in lines if "peer=b " in line and "path=direct" in line), None)
-    if started is None or direct is None:
-        return None
-    return datetime.fromisoformat(direct.split()[0]).timestamp() - datetime.fromisoformat(started.split()[0]).timestamp()
+        return path, seconds_after_start(mesh.log("a"), "peer=b ", "path=direct") if path == "direct" else None, flaps
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ from quicmesh.protocol.wire.common import (
     InterestOp,
     ResponseStatus,
     StreamType,
+    decode_node_name,
     decode_varint,
+    encode_node_name,
     encode_varint,
 )
 from quicmesh.protocol.wire.control import (
@@ -126,6 +128,8 @@ __all__ = [
     "FrameType",
     "encode_varint",
     "decode_varint",
+    "encode_node_name",
+    "decode_node_name",
     "encode_app_datagram",
     "encode_forward_datagram",
     "encode_forward_reply_datagram",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 
 from quicmesh.errors import ProtocolError
+from quicmesh.protocol.names import is_valid_name
 
 ALPN = "quicmesh/1"
 PROTOCOL_VERSION = 1
@@ -184,3 +185,21 @@ class _Reader:
             raise ProtocolError(
                 f"{len(self.buf) - self.pos} trailing bytes in {self.what}", code=ErrorCode.PROTOCOL_VIOLATION
             )
+
+
+def encode_node_name(name: str) -> bytes:
+    """A node name as feature bodies carry it (its ASCII bytes); ValueError if it is no node name."""
+    if not is_valid_name(name):
+        raise ValueError(f"not a node name: {name!r}")
+    return name.encode()
+
+
+def decode_node_name(raw: bytes, what: str) -> str:
+    """The node name in ``raw``; a ProtocolError naming ``what`` (e.g. "relay message") if it is none."""
+    try:
+        name = bytes(raw).decode("ascii")
+    except UnicodeDecodeError:
+        name = ""
+    if not is_valid_name(name):
+        raise ProtocolError(f"{what} names no valid node", code=ErrorCode.PROTOCOL_VIOLATION)
+    return name

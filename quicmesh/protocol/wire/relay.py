@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from quicmesh.errors import ProtocolError
-from quicmesh.protocol.names import is_valid_name
-from quicmesh.protocol.wire.common import DatagramKind, ErrorCode, _Reader, encode_varint
+from quicmesh.protocol.wire.common import DatagramKind, ErrorCode, _Reader, decode_node_name, encode_node_name, \
+    encode_varint
 
 MAX_CIRCUIT_ID = 0x3FFF_FFFF  # a 4-byte varint at most
 RELAY_HEADER_MAX = 1 + 4  # kind byte + circuit id
@@ -81,9 +81,9 @@ RelayMessage = Connect | Offer | Close | Reach
 
 def encode_relay_message(message: RelayMessage) -> bytes:
     if isinstance(message, Connect):
-        return encode_varint(RelayOp.CONNECT) + _name(message.target)
+        return encode_varint(RelayOp.CONNECT) + encode_node_name(message.target)
     if isinstance(message, Offer):
-        return b"".join((encode_varint(RelayOp.OFFER), _circuit(message.circuit), _name(message.source)))
+        return b"".join((encode_varint(RelayOp.OFFER), _circuit(message.circuit), encode_node_name(message.source)))
     if isinstance(message, Close):
         op = RelayOp.CLOSE_UP if message.up else RelayOp.CLOSE_DOWN
         return b"".join((encode_varint(op), _circuit(message.circuit), message.reason.encode()[:512]))
@@ -91,7 +91,7 @@ def encode_relay_message(message: RelayMessage) -> bytes:
         raise ValueError(f"Reach of {len(message.peers)} peers (at most {MAX_REACH_ENTRIES})")
     parts = [encode_varint(RelayOp.REACH), encode_varint(len(message.peers))]
     for name, rtt_us in message.peers:
-        encoded = _name(name)
+        encoded = encode_node_name(name)
         parts += [encode_varint(len(encoded)), encoded, encode_varint(max(0, rtt_us))]
     return b"".join(parts)
 
@@ -100,10 +100,10 @@ def decode_relay_message(data: bytes) -> RelayMessage:
     reader = _Reader(data, "relay message")
     op = reader.varint()
     if op == RelayOp.CONNECT:
-        return Connect(_read_name(reader.rest()))
+        return Connect(decode_node_name(reader.rest(), "relay message"))
     if op == RelayOp.OFFER:
         circuit = _read_circuit(reader)
-        return Offer(_read_name(reader.rest()), circuit)
+        return Offer(decode_node_name(reader.rest(), "relay message"), circuit)
     if op == RelayOp.CLOSE_UP or op == RelayOp.CLOSE_DOWN:
         circuit = _read_circuit(reader)
         return Close(circuit, reader.text(), up=op == RelayOp.CLOSE_UP)
@@ -118,26 +118,10 @@ def decode_relay_message(data: bytes) -> RelayMessage:
                 raise ProtocolError("truncated Reach entry", code=ErrorCode.PROTOCOL_VIOLATION)
             start = reader.pos
             reader.pos += size
-            peers.append((_read_name(reader.buf[start:reader.pos]), reader.varint()))
+            peers.append((decode_node_name(reader.buf[start:reader.pos], "relay message"), reader.varint()))
         reader.end()
         return Reach(tuple(peers))
     raise ProtocolError(f"unknown relay op {op}", code=ErrorCode.PROTOCOL_VIOLATION)
-
-
-def _name(name: str) -> bytes:
-    if not is_valid_name(name):
-        raise ValueError(f"not a node name: {name!r}")
-    return name.encode()
-
-
-def _read_name(raw: bytes) -> str:
-    try:
-        name = bytes(raw).decode("ascii")
-    except UnicodeDecodeError:
-        name = ""
-    if not is_valid_name(name):
-        raise ProtocolError("relay message names no valid node", code=ErrorCode.PROTOCOL_VIOLATION)
-    return name
 
 
 def _circuit(circuit: int) -> bytes:
