@@ -404,6 +404,14 @@ class MembershipFeature(FeatureBase):
             "counters": {**self._core.counters(), "crl_updates": self.crl_updates, "crls_rejected": self.crls_rejected},
         }
 
+    def summary(self) -> dict[str, object]:
+        """The status document's part: mode and counts only (a 1,000-member list belongs in `members`)."""
+        rows = self._core.members()
+        gone = sum(1 for info in rows if info.gone_reason is not None)
+        return {"open": self._host.config.mesh.open, "mode": "full" if self._core.full_mode else "on-demand",
+                "alive": len(rows) - gone, "gone": gone, "connected": len(self._core.connected()),
+                "crl_number": self.crl_number()}
+
     def _observed(self, peer: str) -> list[tuple[str, int]]:
         found = []
         for text in self._host.peer_addresses(peer):

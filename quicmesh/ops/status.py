@@ -70,6 +70,10 @@ def build_status(node: NodeView, *, started: float, control: dict[str, Any] | No
 
     if (pubsub := node.features.find(PubSub)) is not None:
         document["pubsub"] = pubsub.status()  # subscriptions, interest per peer, counters, busiest subjects
+    from quicmesh.membership.feature import MembershipFeature  # every running node has it loaded
+
+    if (membership := node.features.find(MembershipFeature)) is not None:
+        document["membership"] = membership.summary()  # mode and counts; `quicmesh members` has the list
     if (guard := node.guard_status()) is not None:
         document["guard"] = guard
     return {**document, **_expiry("ca", node.ca_not_after, now)}
@@ -220,9 +224,20 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no peers configured")
     lines += render_forwarding(status.get("forwarding") or {})
+    if (members := membership_line(status)) is not None:
+        lines.append(members)
     if (guard := guard_line(status)) is not None:
         lines.append(guard)
     return "\n".join(lines)
+
+
+def membership_line(status: dict[str, Any]) -> str | None:
+    """Open membership in one line (`quicmesh members` lists them); None for a mesh of [[peers]] only."""
+    membership = status.get("membership")
+    if not membership or not membership.get("open"):
+        return None
+    return (f"members: {membership.get('alive', 0)} alive, {membership.get('gone', 0)} gone, "
+            f"{membership.get('mode', '?')} mesh (quicmesh members)")
 
 
 SERVICE_COLUMNS = ["SERVICE", "TARGET", "ALLOW", "FLOWS", "DGRAM-IN/OUT", "BYTES-IN/OUT", "DROPS"]

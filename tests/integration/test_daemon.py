@@ -101,9 +101,9 @@ def test_request_is_echoed_without_an_application(cli, shared_mesh: RunningMesh)
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["send", "zeta", "x"], "'zeta' is not a configured peer of alpha"),
+    (["send", "zeta", "x"], "'zeta' is not a configured peer or known member of alpha"),
     (["send", "--datagram", "beta", "x" * 2000], "datagram of 2000 bytes exceeds max_datagram_payload"),
-    (["request", "zeta", "x"], "'zeta' is not a configured peer of alpha"),
+    (["request", "zeta", "x"], "'zeta' is not a configured peer or known member of alpha"),
 ])
 def test_send_errors_are_one_line(cli, shared_mesh: RunningMesh, args: list[str], expected: str) -> None:
     result = cli(*args[:1], "--socket", shared_mesh.socket("alpha"), *args[1:])

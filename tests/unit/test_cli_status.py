@@ -84,3 +84,11 @@ def test_units() -> None:
         "-", "400us", "1.0ms", "12.3ms", "1.00s", "1.50s"]
     assert [format_bytes(x) for x in (0, 1023, 3500, 5 * 2**30)] == ["0 B", "1023 B", "3.4 KiB", "5.0 GiB"]
     assert [format_duration(x) for x in (0.4, 12, 300, 7300, 4 * 86400)] == ["0.4s", "12s", "5m", "2h1m", "4d"]
+
+
+def test_open_membership_gets_one_line_and_a_static_mesh_none() -> None:
+    status = document(BETA)
+    status["membership"] = {"open": True, "mode": "on-demand", "alive": 41, "gone": 2, "connected": 6}
+    assert "members: 41 alive, 2 gone, on-demand mesh (quicmesh members)" in render(status).splitlines()
+    status["membership"] = {"open": False, "mode": "full", "alive": 1, "gone": 0, "connected": 1}
+    assert not any(line.startswith("members:") for line in render(status).splitlines())
