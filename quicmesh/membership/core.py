@@ -285,8 +285,12 @@ class MembershipCore:
             previous = member.announcement
             member.announcement, member.source, member.last_heard = announcement, source, now
             self._set_version(node, announcement.version)
-            if _content(previous) != _content(announcement):
-                actions.append(MemberChanged(announcement))
+            if _content(previous) == _content(announcement):
+                # A plain re-announcement: anti-entropy carries it. Rumored, it was ~95 % of the steady
+                # gossip bytes (membership_sim, 200 members: 106.7 -> 22.6 msgs/node/s without it).
+                self._update_mode(now, actions)
+                return actions
+            actions.append(MemberChanged(announcement))
         self._rumor(announcement, source, actions)
         self._update_mode(now, actions)
         return actions
@@ -414,6 +418,7 @@ class MembershipCore:
             self._close_idle(now, actions)
         self._expire_tombstones(now)
         self._update_mode(now, actions)
+        self._release_seeds(actions)
         return actions
 
     def next_deadline(self) -> float | None:
@@ -598,6 +603,21 @@ class MembershipCore:
         if self._held.get(node, 0.0) is None and node not in self._seeds and not self.full_mode:
             self._held[node] = now
             self._watch_idle(now)
+
+    def _release_seeds(self, actions: list[Action]) -> None:
+        """On demand, once our neighbors are connected, let the seeds go (unless one is a neighbor or has
+        traffic): otherwise every node of a 1,000-member mesh holds its seed (998 connections there, and a
+        share of every rumor). The runtime dials the seeds again if this node ever has no connection."""
+        if self.full_mode or not self._seeds or not self._neighbors:
+            return
+        if any(node not in self._connected_at for node in self._neighbors):
+            return
+        for seed in list(self._seeds):
+            if seed in self._neighbors or self._held.get(seed) is not None or seed not in self._connected_at:
+                continue  # (held with a time: traffic keeps it until idle_close)
+            del self._seeds[seed]
+            self._held.pop(seed, None)  # held for good while the mesh was small enough to be full
+            actions.append(Disconnect(seed, "joined: the seed is not needed any more"))
 
     def _update_mode(self, now: float, actions: list[Action]) -> None:
         """Apply a switch between full and on-demand (members added later are held as they come)."""

@@ -239,8 +239,11 @@ class PeerManager:
         """Stop dialing ``name`` and close our connection to it (on-demand membership releasing an idle peer);
         the peer stays known, and a connection it opens is still accepted."""
         p = self._peers.get(name)
-        if p is None or not p.dial:
+        if p is None:
             return []
+        dialed = p.dial or (p.active is not None and self._conns[p.active].dialed_by_us)  # a seed: by address
+        if not dialed:
+            return []  # an inbound connection is the dialer's to close
         p.dial = False
         actions: list[Action] = []
         if p.pending is not None:

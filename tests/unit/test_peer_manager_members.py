@@ -98,3 +98,16 @@ def test_redial_soon_cuts_a_backoff_short() -> None:
     assert waiting > now + 0.1  # backing off
     m.redial_soon("b", now + 0.1)
     assert m.poll(now + 0.1) == [Dial("b")]
+
+
+def test_set_passive_closes_a_connection_we_dialed_by_address_but_not_an_inbound_one() -> None:
+    m = manager()
+    m.add_peer("seed", 0.0, dial=False)  # a seed: dialed by address, known by name once verified
+    m.inbound_started(4, 0.0)
+    m.connection_ready("seed", 4, dialed_by_us=True, peer_epoch=1, now=0.1)
+    assert m.set_passive("seed", 1.0, "joined") == [Close(4, ErrorCode.NO_ERROR, "joined"), PeerDown("seed", "joined")]
+    m.add_peer("other", 0.0, dial=False)
+    m.inbound_started(5, 0.0)
+    m.connection_ready("other", 5, dialed_by_us=False, peer_epoch=1, now=0.1)
+    assert m.set_passive("other", 1.0) == []  # the dialer's to close
+    assert m.view("other", 1.0).state is PeerState.CONNECTED
