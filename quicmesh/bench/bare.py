@@ -137,6 +137,7 @@ class _Server(asyncio.DatagramProtocol):
                 configuration=self.impl.server_configuration,
                 original_destination_connection_id=header.destination_cid,
                 verify_peer=lambda chain: self.impl.trust.verify(chain, allowed_nodes=self.impl.peers).node,
+                max_packet_size=None,  # stock aioquic: no path MTU discovery
             )
             protocol = self.clients[addr] = _Protocol(quic, self.impl, "?")
             protocol.connection_made(self.transport)
@@ -180,6 +181,7 @@ class BareImpl:
         quic = MeshQuicConnection(
             configuration=configuration,
             verify_peer=lambda chain: trust.verify(chain, expect_node=target).node,
+            max_packet_size=None,
         )
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _Protocol(quic, self, target), local_addr=("127.0.0.1", 0)

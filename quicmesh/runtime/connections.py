@@ -354,6 +354,8 @@ class Connections:
                 self._streams.data(connection, event.stream_id, event.data, event.end_stream)
             elif kind is events.HandshakeCompleted:
                 self._handshake_completed(connection)
+                if link.path is None:  # relayed packets keep their size: no path of their own to probe
+                    link.quic.start_path_mtu_discovery()
             elif kind is events.StreamReset:
                 self._streams.reset(connection, event.stream_id)
             elif kind is events.PingAcknowledged:
@@ -437,7 +439,7 @@ class Connections:
             version=wire.PROTOCOL_VERSION,
             epoch=self._ctx.epoch,
             max_message_size=self._ctx.config.limits.max_message_size,
-            max_datagram_payload=connection.datagram_payload,
+            max_datagram_payload=self._datagrams.accepted_payload(connection),
             features=wire.FEATURES,
         )
         quic.send_stream_data(

@@ -1,7 +1,7 @@
 """The datagram channel: unreliable QUIC DATAGRAM frames, bounded queues, BATCH framing, drop counters.
 
 Datagrams wait in a bounded per-peer queue (quicmesh's, not aioquic's unbounded one) and are handed to
-QUIC at each flush, at most ``_DATAGRAM_BURST`` frames ahead of the wire, so a datagram backlog cannot
+QUIC at each flush, at most ``_DATAGRAM_BURST_BYTES`` ahead of the wire, so a datagram backlog cannot
 starve stream data (aioquic writes every queued datagram before any stream frame). Neighbours queued at
 the same moment go in one BATCH frame when the peer accepts them. Kinds other than APP belong to a
 feature (forwarding today) and are handed to it whole.
@@ -22,8 +22,10 @@ from quicmesh.runtime.peer import Peer
 #: Bytes a QUIC short-header packet spends around one DATAGRAM frame (flags, 8-byte CID, packet number,
 #: AEAD tag, frame type and length) plus quicmesh's 1-byte datagram kind. Measured: 1169 at 1200.
 DATAGRAM_PACKET_OVERHEAD = 30 + wire.DATAGRAM_OVERHEAD
-#: DATAGRAM frames (a BATCH counts once) handed to aioquic at once; the rest wait in the per-peer queue.
-_DATAGRAM_BURST = 32
+#: Bytes of DATAGRAM frames (a BATCH counts once, at the packet size) handed to aioquic at once, as 32
+#: frames of 1200-byte packets; the rest wait in the per-peer queue. In frames, so larger packets (path MTU
+#: discovery) do not let more datagram bytes jump ahead of stream data: 2 frames of 16 KiB.
+_DATAGRAM_BURST_BYTES = 32 * 1200
 _APP = int(wire.DatagramKind.APP)
 _BATCH = int(wire.DatagramKind.BATCH)
 
@@ -44,10 +46,17 @@ class DatagramChannel:
         return self._ctx.config.limits.max_datagram_size - DATAGRAM_PACKET_OVERHEAD
 
     def limit(self, connection: Connection) -> int:
-        """The largest payload that goes on ``connection``: the smaller of its own and its peer's Hello's."""
-        own = connection.datagram_payload
+        """The largest payload that goes on ``connection`` now: the smaller of what its packets carry (path
+        MTU discovery raises their size after the handshake) and what the peer's Hello accepts."""
+        own = connection.quic.packet_size - DATAGRAM_PACKET_OVERHEAD
         hello = connection.hello
         return min(own, hello.max_datagram_payload) if hello is not None else own
+
+    @staticmethod
+    def accepted_payload(connection: Connection) -> int:
+        """The largest payload this node takes on ``connection`` (its Hello says so): what the largest packet
+        it receives carries, since the peer's packets may grow after the handshake."""
+        return connection.quic.max_packet_size - DATAGRAM_PACKET_OVERHEAD
 
     # --- send ---------------------------------------------------------------------------------
     def send(self, peer: str, data: bytes) -> None:
@@ -59,7 +68,7 @@ class DatagramChannel:
         if connection is None or not connection.usable:
             raise PeerNotConnectedError(f"peer {peer} is not connected")
         size = len(data)
-        limit = connection.datagram_payload
+        limit = connection.quic.packet_size - DATAGRAM_PACKET_OVERHEAD
         hello = connection.hello
         if hello is not None and hello.max_datagram_payload < limit:
             limit = hello.max_datagram_payload
@@ -106,10 +115,14 @@ class DatagramChannel:
         queue = peer.datagram_queue
         budget = wire.DATAGRAM_OVERHEAD + self.limit(connection)  # the largest frame the peer takes
         batching = connection.batching
+        burst = max(2, _DATAGRAM_BURST_BYTES // quic.packet_size)
         moved = 0
-        while queue and quic.pending_datagrams() < _DATAGRAM_BURST:
+        while queue and quic.pending_datagrams() < burst:
             entry = queue.popleft()
             used = 1 + len(entry)  # the BATCH kind byte, then the entry
+            if len(entry) - (1 << (entry[0] >> 6)) > budget:  # queued before packets shrank back (pmtud)
+                peer.counters.datagrams_dropped_queue_full += 1
+                continue
             if not batching or not queue or used + len(queue[0]) > budget:
                 quic.send_datagram_frame(wire.unbatch_entry(entry))
                 moved += 1

@@ -30,6 +30,7 @@ from aioquic.quic.packet import (
 
 from quicmesh.transport._aioquic import MeshQuicConnection
 from quicmesh.transport.guard import Guard
+from quicmesh.transport.pmtud import DEFAULT_CAP
 
 log = logging.getLogger("quicmesh.transport")
 
@@ -55,6 +56,10 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65000
 _GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _SEGMENT_SIZE = struct.Struct("=H")
+# Linux's IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = *_PMTUDISC_PROBE (not in Python's socket module).
+_IP_MTU_DISCOVER = 10
+_IPV6_MTU_DISCOVER = 23
+_PMTUDISC_PROBE = 3
 
 # A socket bound to a wildcard address (0.0.0.0, ::) would answer from the kernel's choice of source
 # address, which on a host with several addresses need not be the one the peer dialed: a QUIC client drops
@@ -131,7 +136,7 @@ class Endpoint:
         self._handler = handler
         self._make_server_connection = make_server_connection
         self._supported_versions = supported_versions
-        self._receive_size = max(receive_size, 1500)
+        self._receive_size = max(receive_size, DEFAULT_CAP)  # path MTU discovery may raise packets up to it
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._routes: dict[bytes, Link] = {}
@@ -171,6 +176,7 @@ class Endpoint:
             sock.setblocking(False)
             if host in ("0.0.0.0", "::"):
                 self._pktinfo = _enable_pktinfo(sock)
+            _set_dont_fragment(sock)
         except OSError:
             sock.close()
             raise
@@ -572,6 +578,17 @@ def _enable_pktinfo(sock: socket.socket) -> bool:
         log.info("no IP_PKTINFO on the wildcard socket (%s): replies leave from the kernel's source choice", error)
         return False
     return True
+
+
+def _set_dont_fragment(sock: socket.socket) -> None:
+    """DF on every packet, the kernel's path MTU cache ignored (RFC 9000 14: QUIC packets are never
+    fragmented): a path MTU probe larger than the path fails instead of arriving in IP fragments."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)  # IPv4 (and v4 on dual-stack)
+    except OSError as error:  # pragma: no cover - not Linux
+        log.info("cannot set DF on the socket (%s): path MTU probes may be fragmented", error)
 
 
 def _gso_available(sock: socket.socket) -> bool:

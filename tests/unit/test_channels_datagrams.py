@@ -20,7 +20,7 @@ from quicmesh.runtime.events import Received
 from quicmesh.runtime.inbox import Inbox
 from quicmesh.runtime.peer import Peer
 
-BURST = 32  # DATAGRAM frames the channel lets wait at aioquic (datagrams._DATAGRAM_BURST)
+BURST = 32  # DATAGRAM frames the channel lets wait at aioquic with 1200-byte packets (datagrams._DATAGRAM_BURST_BYTES)
 OWN_LIMIT = 1200 - 31  # max_datagram_size 1200 minus DATAGRAM_PACKET_OVERHEAD
 
 
