@@ -312,6 +312,8 @@ class MeshSimulation:
 
     def _sync_reply_arrives(self, name: str, responder: str, same: bool) -> None:
         node = self.nodes[name]
+        if node.state == _UP and same:
+            self._feed(node, node.core.sync_done(self.now))
         if node.state == _UP and not same and responder in self.links[name]:
             entries = node.core.digest_entries()
             size = 1 + 4 + 4 + sum(len(n) + 1 + 8 for n, _ in entries)
@@ -330,6 +332,7 @@ class MeshSimulation:
         if node.state == _UP:
             self._receive(node, newer, responder, pushed=False)
             self._feed(node, node.core.wanted(responder, want, self.now))
+            self._feed(node, node.core.sync_done(self.now))
 
     def _traffic_tick(self, interval: float) -> None:
         if not self._talking:

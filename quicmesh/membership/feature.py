@@ -315,7 +315,10 @@ class MembershipFeature(FeatureBase):
         try:
             reply = decode_message(await host.request(peer, TAG, encode_message(
                 Sync(core.digest(), core.member_count(), self.crl_number() or 0))))
-            if not isinstance(reply, SyncReply) or reply.same:
+            if not isinstance(reply, SyncReply):
+                return
+            if reply.same:
+                self._apply(core.sync_done(self._now()))
                 return
             reply = decode_message(await host.request(peer, TAG, encode_message(
                 Digest(tuple(core.digest_entries()), self.crl_number() or 0))))
@@ -329,6 +332,7 @@ class MembershipFeature(FeatureBase):
         for raw in reply.announcements:
             self._ingest(raw, peer, pushed=False)
         self._apply(core.wanted(peer, reply.want, self._now()))
+        self._apply(core.sync_done(self._now()))
 
     def _on_demand(self, peer: str) -> None:
         if self._host.running:

@@ -198,6 +198,8 @@ def test_wanted_sends_at_most_64_per_message() -> None:
 
 def test_full_mesh_connects_every_member_and_switches_to_on_demand_above_the_limit() -> None:
     c = core(full_mesh_max=5, neighbors=2, idle_close=60.0)
+    assert not c.full_mode  # "auto" waits for a first sync to know the mesh's size
+    assert c.sync_done(0.0) == [] and c.full_mode and c.sync_done(0.0) == []
     connects = []
     for i in range(4):
         connects += [a.node for a in c.announcement_received(ann(f"m{i}", 1), "x", 0.0) if isinstance(a, Connect)]
@@ -307,3 +309,13 @@ def test_any_event_sequence_keeps_the_core_consistent(events: list[tuple[str, in
             assert deadline is None or deadline > now
         assert c.member_count() <= 6 and len(c.held()) <= 5
         assert set(c.held()) <= {m.node for m in c.members() if m.gone_reason is None}
+
+
+def test_auto_holds_only_neighbors_until_the_first_sync_then_everyone_of_a_small_mesh() -> None:
+    c = core(full_mesh_max=10, neighbors=1)
+    names = {f"m{i}" for i in range(8)}
+    held = [a.node for name in sorted(names) for a in c.announcement_received(ann(name, 1), "x", 0.0)
+            if isinstance(a, Connect)]
+    assert len(held) < len(names) and not c.full_mode  # a joining node does not dial all it hears of yet
+    connects = {a.node for a in c.sync_done(1.0) if isinstance(a, Connect)}
+    assert c.full_mode and connects | set(held) == names
