@@ -94,6 +94,17 @@ def gone_times(cluster: harness.Cluster, nodes: list[str], name: str, since: flo
     return times
 
 
+def wait_gone_everywhere(cluster: harness.Cluster, name: str, since: float) -> list[float]:
+    """Wait until every other node lists ``name`` gone (silent); when each did, in seconds after ``since``,
+    none before member_timeout (the connection has to go first, then the silence to last)."""
+    others = [node for node in cluster.names() if node != name]
+    harness.wait_until(lambda: everyone_sees(cluster, others, name, "gone", "silent"), timeout=GONE_BOUND,
+                       interval=0.3, what=f"{name} gone (silent) on all")
+    took = gone_times(cluster, others, name, since)
+    assert min(took) >= MEMBER_TIMEOUT, took
+    return took
+
+
 def test_eight_containers_knowing_one_seed_form_a_full_mesh(seeded: SeedCluster) -> None:
     for node in ("node2", "node8"):
         document = members(seeded, node)
@@ -113,10 +124,7 @@ def test_an_isolated_member_is_gone_after_member_timeout_and_back_after_heal(
     cut_at = time.time()
     seeded.isolate(cut)
     try:
-        harness.wait_until(lambda: everyone_sees(seeded, others, cut, "gone", "silent"), timeout=GONE_BOUND,
-                           interval=0.3, what=f"{cut} gone (silent) on all")
-        took = gone_times(seeded, others, cut, cut_at)
-        assert min(took) >= MEMBER_TIMEOUT  # never before member_timeout: the connection had to go first
+        took = wait_gone_everywhere(seeded, cut, cut_at)
         measured.add(f"membership: isolated member gone (silent {MEMBER_TIMEOUT:g}s) on all 7",
                      f"{min(took):.1f}-{max(took):.1f} s after the cut (dead_after {DEAD_AFTER:g} s + member_timeout)")
         harness.wait_until(lambda: everyone_sees(seeded, [cut], SEED, "gone", "silent"), timeout=GONE_BOUND,
@@ -132,14 +140,10 @@ def test_an_isolated_member_is_gone_after_member_timeout_and_back_after_heal(
 def test_a_killed_container_is_gone_after_member_timeout_and_back_after_restart(
         seeded: SeedCluster, measured: harness.Measurements) -> None:
     killed = "node5"
-    others = [node for node in seeded.names() if node != killed]
     harness.wait_until(seeded.full_mesh, timeout=60, interval=0.5, what="full mesh before the kill")
     killed_at = time.time()
     seeded.kill(killed)
-    harness.wait_until(lambda: everyone_sees(seeded, others, killed, "gone", "silent"), timeout=GONE_BOUND,
-                       interval=0.3, what=f"{killed} gone (silent) on all")
-    took = gone_times(seeded, others, killed, killed_at)
-    assert min(took) >= MEMBER_TIMEOUT
+    took = wait_gone_everywhere(seeded, killed, killed_at)
     measured.add(f"membership: killed member gone (silent {MEMBER_TIMEOUT:g}s) on all 7",
                  f"{min(took):.1f}-{max(took):.1f} s after the kill")
     seeded.start(killed)
