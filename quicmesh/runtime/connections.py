@@ -240,7 +240,10 @@ class Connections:
         assert self.endpoint is not None
         connection = self._client_connection(peer_name)
         self.mesh.dial_started(peer_name, connection.conn_id, self._ctx.now())
-        addresses = [(address.host, address.port) for address in self._ctx.peers[peer_name].addresses]
+        peer = self._ctx.peers[peer_name]
+        # A configured peer is dialed where the config says (the operator's word, which may differ from what it
+        # announces on purpose); a member at every address it announced.
+        addresses = [(a.host, a.port) for a in (peer.addresses if peer.member else (peer.config.address,))]
         only = dialing.sendable(*addresses[0], self.endpoint.family) if len(addresses) == 1 else None
         if only is not None:
             self.endpoint.connect(connection.link, only)
