@@ -226,6 +226,8 @@ def render(status: dict[str, Any]) -> str:
     lines += render_forwarding(status.get("forwarding") or {})
     if (members := membership_line(status)) is not None:
         lines.append(members)
+    if (nat := nat_line(status)) is not None:
+        lines.append(nat)
     if (guard := guard_line(status)) is not None:
         lines.append(guard)
     return "\n".join(lines)
@@ -238,6 +240,16 @@ def membership_line(status: dict[str, Any]) -> str | None:
         return None
     return (f"members: {membership.get('alive', 0)} alive, {membership.get('gone', 0)} gone, "
             f"{membership.get('mode', '?')} mesh (quicmesh members)")
+
+
+def nat_line(status: dict[str, Any]) -> str | None:
+    """Where peers see this node when that is not its listen address (behind a NAT, or on a wildcard); else None."""
+    nat = status.get("nat") or {}
+    public = [address for address in nat.get("public") or () if address != status.get("listen")]
+    if not public:
+        return None
+    return (f"nat: seen at {', '.join(public[:3])} by {len(nat.get('observed') or {})} peers, "
+            f"mapping {nat.get('mapping', 'unknown')} (docs/NAT.md)")
 
 
 SERVICE_COLUMNS = ["SERVICE", "TARGET", "ALLOW", "FLOWS", "DGRAM-IN/OUT", "BYTES-IN/OUT", "DROPS"]

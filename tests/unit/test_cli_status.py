@@ -92,3 +92,13 @@ def test_open_membership_gets_one_line_and_a_static_mesh_none() -> None:
     assert "members: 41 alive, 2 gone, on-demand mesh (quicmesh members)" in render(status).splitlines()
     status["membership"] = {"open": False, "mode": "full", "alive": 1, "gone": 0, "connected": 1}
     assert not any(line.startswith("members:") for line in render(status).splitlines())
+
+
+def test_a_node_behind_nat_gets_one_line_where_peers_see_it() -> None:
+    status = document(BETA)
+    status["nat"] = {"observed": {"alpha": "203.0.113.7:4433", "gamma": "203.0.113.7:4433"},
+                     "public": ["203.0.113.7:4433"], "mapping": "endpoint-independent"}
+    assert ("nat: seen at 203.0.113.7:4433 by 2 peers, mapping endpoint-independent (docs/NAT.md)"
+            in render(status).splitlines())
+    status["nat"] = {"observed": {"alpha": status["listen"]}, "public": [status["listen"]], "mapping": "unknown"}
+    assert not any(line.startswith("nat:") for line in render(status).splitlines())  # seen where it listens
