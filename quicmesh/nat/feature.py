@@ -3,7 +3,8 @@
 - **Observed addresses.** When a peer's direct connection becomes ready, the node asks it ``OBSERVE``: the answer
   is the address that peer receives our packets from, i.e. our public mapping when a NAT is in between. Answers
   from several peers say whether our NAT keeps one mapping for every destination (endpoint-independent: hole
-  punching can work) or not (status ``nat.mapping``). Answers are only shown and counted, never dialed.
+  punching can work) or not (status ``nat.mapping``, :func:`mapping`). Answers are shown and counted, never
+  dialed.
 - **Punching.** Once a direct dial to a known peer B has failed, or B was not reached directly for a second, A asks
   its direct peers, nearest first, ``PUNCH(B)``. A peer R connected directly to both (the rendezvous) sends B
   ``OFFER(A, A's address as R sees it)`` and answers A with B's address as R sees it; A and B then dial each other
@@ -56,6 +57,18 @@ _ASKED = 4  # direct peers asked to be the rendezvous, nearest first
 #: only at timers.handshake_timeout): a few round trips, so a plain dial that works wins first.
 _PUNCH_AFTER = 1.0
 _REQUEST_TIMEOUT = 3.0
+
+
+def mapping(observed: list[tuple[str, int]]) -> str:
+    """What the addresses our peers see us at (one per peer) say about our NAT (docs/NAT.md)."""
+    seen = set(observed)
+    if len(observed) < 2:
+        return "unknown"
+    if len(seen) == 1:
+        return "endpoint-independent"
+    if len({ip for ip, _ in seen}) == 1:
+        return "endpoint-dependent"  # one public IP, a port per destination: a symmetric NAT
+    return "several"  # peers see us at different IPs: we reach them through different networks
 
 
 class NatRefusedError(QuicmeshError):
@@ -181,17 +194,6 @@ class NatFeature(FeatureBase):
             raise self._refuse(peer, "other", f"{self._host.node_name} has no direct connection to {peer}")
         self.counters.observe_answered += 1
         return encode_address(address)
-
-    def mapping(self) -> str:
-        """What the observed addresses say about our NAT (see docs/NAT.md)."""
-        seen = set(self._observed.values())
-        if len(self._observed) < 2:
-            return "unknown"
-        if len(seen) == 1:
-            return "endpoint-independent"
-        if len({ip for ip, _ in seen}) == 1:
-            return "endpoint-dependent"
-        return "several"  # peers see us at different IPs: we reach them through different networks
 
     # --- punching, as the node that wants a direct path ---------------------------------------------------
     def _consider_punching(self, direct: dict[str, float | None]) -> None:
@@ -337,7 +339,7 @@ class NatFeature(FeatureBase):
         return {
             "observed": {peer: format_address(address) for peer, address in sorted(self._observed.items())},
             "public": [address for address, _ in public.most_common()],
-            "mapping": self.mapping(),
+            "mapping": mapping(list(self._observed.values())),
             "counters": {key: value for key, value in vars(self.counters).items() if key != "errors"},
             "errors": dict(self.counters.errors),
         }

@@ -5,8 +5,8 @@
 
 Each trial builds a fresh topology, starts the three daemons (the short timers of the netns tests), and watches
 a's path to b for ``--watch`` seconds: ``direct`` (punched, or dialed when one side is public), ``via r`` or
-nothing; the time from a's endpoint start (its log) to its first direct path to b, and whether the path changed after it was first
-direct or relayed, other than relayed -> direct (a flap).
+nothing; the time from a's endpoint start (its log) to its first direct path to b; and flaps: the path lost, or
+left for a worse one (relayed -> direct is the intended upgrade).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The NAT feature's requests and addresses (quicmesh/nat/frame.py): round trips, and any bytes raise only
-ProtocolError."""
+"""The NAT feature's requests and addresses (quicmesh/nat/frame.py): round trips, any bytes raise only
+ProtocolError; and what observed addresses say about a NAT."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh.errors import ProtocolError
+from quicmesh.nat.feature import mapping
 from quicmesh.nat.frame import (
     NatOp,
     Observe,
@@ -83,3 +84,14 @@ def test_every_offer_round_trips(ip: object, port: int, name: str) -> None:
     offer = Offer(name, (str(ip), port))
     decoded = decode_request(encode_request(offer))
     assert isinstance(decoded, Offer) and decoded.source == name and decoded.address[1] == port
+
+
+@pytest.mark.parametrize("observed, verdict", [
+    ([], "unknown"),
+    ([("203.0.113.7", 4433)], "unknown"),  # one report says nothing about other destinations
+    ([("203.0.113.7", 4433), ("203.0.113.7", 4433), ("203.0.113.7", 4433)], "endpoint-independent"),
+    ([("203.0.113.7", 4433), ("203.0.113.7", 61000)], "endpoint-dependent"),
+    ([("203.0.113.7", 4433), ("10.0.0.5", 4433)], "several"),
+])
+def test_what_the_observed_addresses_say_about_the_nat(observed: list[tuple[str, int]], verdict: str) -> None:
+    assert mapping(observed) == verdict
