@@ -50,14 +50,25 @@ class Inbox:
                 break
 
     async def recv(self) -> Received:
-        ctx = self._ctx
-        while not self._items:
-            if ctx.state in ("stopping", "stopped"):
-                raise NodeClosedError(f"node {ctx.name} stopped")
-            await woken_from(self._waiters)
-        item = self._items.popleft()
+        while (item := self.take()) is None:
+            await self.wait()
+        return item
+
+    def take(self) -> Received | None:
+        """The next item if one is waiting (no task switch: ``received()`` drains a batch this way)."""
+        items = self._items
+        if not items:
+            return None
+        item = items.popleft()
         self._bytes -= len(item.data)
         return item
+
+    async def wait(self) -> None:
+        """Until an item may be waiting; NodeClosedError once the node stopped with none left."""
+        ctx = self._ctx
+        if ctx.state in ("stopping", "stopped"):
+            raise NodeClosedError(f"node {ctx.name} stopped")
+        await woken_from(self._waiters)
 
     def close(self) -> None:
         """The node stopped: wake every recv() (each raises NodeClosedError)."""

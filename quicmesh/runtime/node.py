@@ -328,12 +328,20 @@ class Node:
         return item
 
     async def received(self) -> AsyncIterator[Received]:
-        """Iterate over received items until the node stops."""
+        """Iterate over received items until the node stops (what recv() gives, without a coroutine per
+        item: items already waiting are yielded straight from the inbox)."""
+        inbox, messages = self._inbox, self._messages
         while True:
-            try:
-                yield await self.recv()
-            except NodeClosedError:
-                return
+            item = inbox.take()
+            if item is None:
+                try:
+                    await inbox.wait()
+                except NodeClosedError:
+                    return
+                continue
+            if messages.parked:
+                messages.unpark()
+            yield item
 
     async def events(self) -> AsyncIterator[PeerEvent]:
         """Iterate over peer connected/disconnected events from now on, until the node stops."""

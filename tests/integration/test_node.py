@@ -355,6 +355,27 @@ async def test_stopped_node_leaves_no_phantom_connection(mesh3: dict[str, Node])
         assert "gamma" not in mesh3[name].connected_peers()
 
 
+async def test_received_yields_what_is_waiting_then_ends_when_the_node_stops(mesh3: dict[str, Node]) -> None:
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    for i in range(5):  # acknowledged: in beta's inbox before anyone iterates
+        await alpha.send("beta", b"r%d" % i)
+    alpha.send_datagram("beta", b"d")
+    got: list[bytes] = []
+
+    async def read() -> None:
+        async for item in beta.received():
+            got.append(item.data)
+
+    reader = asyncio.ensure_future(read())
+    for _ in range(250):  # bounded: 5 s
+        if len(got) == 6:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(got) == [b"d", b"r0", b"r1", b"r2", b"r3", b"r4"]
+    await beta.stop()
+    await asyncio.wait_for(reader, 5)  # the iterator ends by itself
+
+
 async def test_datagram_flood_does_not_starve_messages(mesh3: dict[str, Node]) -> None:
     """aioquic writes queued datagrams before stream data; quicmesh feeds it datagrams in small bursts."""
     alpha, beta = mesh3["alpha"], mesh3["beta"]
