@@ -247,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results.append(run_mesh(count, loop=args.loop, seed=seed,
                                         log=lambda line: print(line, file=sys.stderr, flush=True)))
-            except TimeoutError:  # one mesh that does not form must not lose the others' figures
+            except (TimeoutError, RuntimeError) as error:  # one mesh that does not form must not lose the others'
+                lines = str(error).splitlines()  # RuntimeError: a node process gave up first (or crashed): its last line
+                why = f": {lines[0]} ({lines[-1].strip()})" if lines else ""
                 unconverged.append(f"{count} nodes{_formed({'formed': 'seed' if seed else 'static'})}: did not "
-                                   f"converge within {CONVERGE_TIMEOUT:g} s (QUICMESH_MESHSCALE_TIMEOUT)")
+                                   f"converge within {CONVERGE_TIMEOUT:g} s (QUICMESH_MESHSCALE_TIMEOUT){why}")
                 print(f"  {unconverged[-1]}", file=sys.stderr, flush=True)
     add_marginal(results)
     print(json.dumps(results, indent=2) if args.json else "\n".join([render_mesh(results), *unconverged]))
