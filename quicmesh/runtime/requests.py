@@ -187,5 +187,10 @@ class RequestChannel:
     def respond(self, connection: Connection, stream_id: int, status: int, body: bytes) -> None:
         if connection.link.terminated or connection.closing:
             return
-        connection.quic.send_stream_data(stream_id, wire.encode_response(status, body), end_stream=True)
+        try:
+            connection.quic.send_stream_data(stream_id, wire.encode_response(status, body), end_stream=True)
+        except (RuntimeError, ValueError):
+            # The asker gave up (a timeout resets its stream: STOP_SENDING): aioquic refuses data on a stream
+            # reset or finished. The answer has no one to go to; raising here escaped the packet loop.
+            return
         self._ctx.touch(connection)
