@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from netns.test_nat import make_mesh, seconds_after_start
+from netns.test_nat import make_mesh, seconds_after_start, started
 from netns.test_relay import Mesh
 from netns.topology import EIM, SYMMETRIC, Topology
 
@@ -48,9 +48,7 @@ async def watch(mesh: Mesh, seconds: float) -> tuple[str | None, float | None, i
 def trial(nat_a: str | None, nat_b: str | None, seconds: float) -> tuple[str | None, float | None, int]:
     nat = {name: kind for name, kind in (("a", nat_a), ("b", nat_b)) if kind}
     with Topology(["r", "a", "b"], nat=nat) as net, tempfile.TemporaryDirectory(prefix="qmtab-") as directory:
-        mesh = make_mesh(Path(directory), net)
-        for name in ("r", "a", "b"):
-            mesh.start(name)
+        mesh = started(make_mesh(Path(directory), net))
         path, _, flaps = asyncio.run(watch(mesh, seconds))
         return path, seconds_after_start(mesh.log("a"), "peer=b ", "path=direct") if path == "direct" else None, flaps
 

@@ -62,6 +62,13 @@ def make_mesh(directory: Path, net: Topology, **listen: str) -> Mesh:
     return Mesh(net, directory)
 
 
+def started(mesh: Mesh) -> Mesh:
+    """Every host's daemon started."""
+    for name in mesh.net.hosts:
+        mesh.start(name)
+    return mesh
+
+
 @pytest.fixture
 def directory() -> Iterator[Path]:
     # Not tmp_path: control socket paths must stay short (Unix sockets take at most ~107 bytes).
@@ -91,9 +98,7 @@ async def wait_datagrams(tally: Tally, count: int, timeout: float = 5.0) -> int:
 # --- 1. both behind endpoint-independent NAT: punched -----------------------------------------------------------
 def test_both_behind_eim_nat_punch_a_direct_path(directory: Path) -> None:
     with Topology(["r", "a", "b"], nat={"a": EIM, "b": EIM}) as net:
-        mesh = make_mesh(directory, net)
-        for name in ("r", "a", "b"):
-            mesh.start(name)
+        mesh = started(make_mesh(directory, net))
 
         async def scenario() -> None:
             await mesh.wait_path("a", "b", "direct", timeout=20)
@@ -129,9 +134,7 @@ def test_both_behind_eim_nat_punch_a_direct_path(directory: Path) -> None:
 # --- 2. one side symmetric: relayed, and it stays -------------------------------------------------------------
 def test_symmetric_nat_stays_relayed_without_flapping(directory: Path) -> None:
     with Topology(["r", "a", "b"], nat={"a": EIM, "b": SYMMETRIC}) as net:
-        mesh = make_mesh(directory, net)
-        for name in ("r", "a", "b"):
-            mesh.start(name)
+        mesh = started(make_mesh(directory, net))
 
         async def scenario() -> None:
             await mesh.wait_path("a", "b", "via r", timeout=20)
@@ -197,9 +200,7 @@ def rebinding_run(net: Topology, mesh: Mesh, sender_host: str, receiver: str, re
 def test_rebinding_of_a_node_that_dialed_out_keeps_its_connection(directory: Path) -> None:
     """a (behind NAT) dialed r: r's side of the connection follows a's new address (QUIC migration)."""
     with Topology(["r", "a"], nat={"a": EIM}) as net:
-        mesh = make_mesh(directory, net)
-        for name in ("r", "a"):
-            mesh.start(name)
+        mesh = started(make_mesh(directory, net))
         asyncio.run(mesh.wait_path("a", "r", "direct", timeout=20))
         gap = rebinding_run(net, mesh, "a", "r", "a")
         assert gap < 1.0
@@ -211,9 +212,7 @@ def test_rebinding_of_a_punched_pair_recovers_within_5s(directory: Path) -> None
     b had, b (the QUIC client) must drop packets from a new server address (RFC 9000 section 9), the connection
     dies after timers.dead_after and the pair punches again: within 5 s either way."""
     with Topology(["r", "a", "b"], nat={"a": EIM, "b": EIM}) as net:
-        mesh = make_mesh(directory, net)
-        for name in ("r", "a", "b"):
-            mesh.start(name)
+        mesh = started(make_mesh(directory, net))
         asyncio.run(mesh.wait_path("a", "b", "direct", timeout=20))
         gap = rebinding_run(net, mesh, "a", "b", "a")
         assert gap < 5.0
@@ -250,8 +249,7 @@ def test_a_node_on_the_ipv6_wildcard_dials_ipv4_only_and_ipv6_only_peers(directo
             path.write_text(render_config(dataclasses.replace(config, peers=tuple(
                 dataclasses.replace(p, address=Address(p.address.host, 9)) if p.name == "d" else p
                 for p in config.peers))))
-        for name in ("d", "v4", "v6"):
-            mesh.start(name)
+        started(mesh)
 
         async def scenario() -> None:
             await mesh.wait_path("d", "v4", "direct", timeout=20)
@@ -287,8 +285,7 @@ def test_a_name_with_a_and_aaaa_connects_past_a_blackholed_family(directory: Pat
         config = load_config(path)
         path.write_text(render_config(dataclasses.replace(
             config, peers=tuple(dataclasses.replace(p, address=Address(p.address.host, 9)) for p in config.peers))))
-        for name in ("d", "t"):
-            mesh.start(name)
+        started(mesh)
         asyncio.run(mesh.wait_path("d", "t", "direct", timeout=20))
         took = seconds_after_start(mesh.log("d"), "event=peer_connected", "peer=t ")
         assert took is not None
