@@ -244,10 +244,12 @@ class MeshQuicConnection(QuicConnection):
     def _use_packet_size(self, size: int) -> None:
         """Packets of ``size`` from now on; congestion control counts in packets of that size too (RFC 9002
         7.2), so its window holds at least two of them: a full-size DATAGRAM frame fits (no other frame
-        can carry it, and a window smaller than one packet would hold it back for good)."""
+        can carry it, and a window smaller than one packet would hold it back for good). The pacer keeps
+        the base size: it charges every packet a full packet's time, and a request's small packet would
+        be charged as 16 KiB."""
         self._max_datagram_size = self.packet_size = size
         loss = self._loss
-        loss._pacer._max_datagram_size = loss._cc._max_datagram_size = size
+        loss._cc._max_datagram_size = size
         if isinstance(loss._cc, CubicCongestionControl):
             loss._cc.additive_increase_factor = size
         loss._cc.congestion_window = max(loss._cc.congestion_window, min(K_INITIAL_WINDOW * size, max(14720, 2 * size)))
@@ -276,10 +278,9 @@ def check_internals() -> list[str]:
     if not hasattr(builder, "_datagram_needs_padding"):
         missing.append("aioquic QuicPacketBuilder._datagram_needs_padding")
     loss = getattr(connection, "_loss", None)
-    for name in ("_rtt_smoothed", "_rtt_initialized", "_on_packets_lost", "_cc", "_pacer"):
+    for name in ("_rtt_smoothed", "_rtt_initialized", "_on_packets_lost", "_cc"):
         if not hasattr(loss, name):
             missing.append(f"aioquic QuicPacketRecovery.{name}")
-    for part in ("_cc", "_pacer"):
-        if not hasattr(getattr(loss, part, None), "_max_datagram_size"):
-            missing.append(f"aioquic QuicPacketRecovery.{part}._max_datagram_size")
+    if not hasattr(getattr(loss, "_cc", None), "_max_datagram_size"):
+        missing.append("aioquic QuicPacketRecovery._cc._max_datagram_size")
     return missing
