@@ -70,6 +70,11 @@ async def test_peers_report_where_they_see_a_node(tmp_path: Path) -> None:
         assert status["observed"] == {"beta": listen, "gamma": listen}
         assert status["public"] == [listen] and status["mapping"] == "endpoint-independent"
         assert nat_of(nodes["beta"]).counters.observe_answered >= 1
+        # seen at its own address: no NAT, so no punching, not even to delta (configured, never started)
+        assert status["behind_nat"] is False
+        await asyncio.sleep(2.0)  # past the second after which a NATed node punches to a peer it has not reached
+        assert alpha.counters.punches_started == alpha.counters.punch_attempts_failed == 0
+        assert nat_of(nodes["beta"]).counters.rendezvous_served == 0
 
 
 class Liar(FeatureBase):

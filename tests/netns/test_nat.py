@@ -111,6 +111,7 @@ def test_both_behind_eim_nat_punch_a_direct_path(directory: Path) -> None:
             assert (await mesh.status("r"))["nat"]["counters"]["rendezvous_served"] >= 1
             # r sees a and b at their routers' addresses, with the port they use (port-preserving NAT)
             assert status_a["nat"]["observed"]["r"] == f"{net.public_address('a')}:{PORT}"
+            assert status_a["nat"]["behind_nat"] and not (await mesh.status("r"))["nat"]["behind_nat"]
             peer_b = next(p for p in status_a["peers"] if p["name"] == "b")
             assert peer_b["remote_address"] == f"{net.public_address('b')}:{PORT}", peer_b
 
