@@ -49,6 +49,9 @@ _POST_HANDSHAKE_CRYPTO_BUFFER = 1024
 #: tag, frame type and length; a queued frame longer than the packet size minus this cannot be sent.
 _DATAGRAM_FRAME_OVERHEAD = 30
 
+#: A packet within this many bytes of the packet size counts as full (the next frame did not fit).
+_FULL_PACKET_SLACK = 64
+
 #: The TLS hook: given the peer's chain (leaf first), return the verified peer object or raise.
 PeerVerifier = Callable[[Sequence[x509.Certificate]], Any]
 
@@ -182,8 +185,9 @@ class MeshQuicConnection(QuicConnection):
 
     # --- path MTU discovery (transport/pmtud.py) ------------------------------------------------------
     def start_path_mtu_discovery(self) -> None:
-        """Probe for larger packets once the handshake is confirmed (a direct path: a relayed connection's
-        packets travel inside another connection's datagrams and keep their size)."""
+        """Probe for larger packets once the handshake is confirmed and a full-size packet went out (a
+        direct path: a relayed connection's packets travel inside another connection's datagrams and keep
+        their size)."""
         if self.path_mtu is None and self.max_packet_size > self._max_datagram_size:
             self.path_mtu = PathMtu(self._max_datagram_size, self.max_packet_size)
             original = self._loss._on_packets_lost
@@ -200,6 +204,10 @@ class MeshQuicConnection(QuicConnection):
         datagrams = super().datagrams_to_send(now)
         path_mtu = self.path_mtu
         if path_mtu is not None and self._handshake_confirmed and self._state not in END_STATES:
+            if not path_mtu.started:
+                if not any(len(data) > self.packet_size - _FULL_PACKET_SLACK for data, _ in datagrams):
+                    return datagrams
+                path_mtu.start()
             size = path_mtu.probe(now)
             if size is not None:
                 datagrams.append((self._probe_packet(size, now), self._network_paths[0].addr))

@@ -1,7 +1,8 @@
 """Path MTU discovery for one QUIC connection: DPLPMTUD (RFC 8899) with PING + PADDING probes, sans-I/O.
 
 QUIC packets start at the base size (``limits.max_datagram_size``, 1200 by default: what every path must
-carry, RFC 9000 14). Once the handshake is confirmed the connection probes: one packet of a candidate size
+carry, RFC 9000 14). Once the handshake is confirmed and the connection has sent a full-size packet (so
+larger ones would help), it probes: one packet of a candidate size
 holding a PING and PADDING (RFC 9000 14.4), which is not counted as congestion-controlled bytes in flight
 (a lost probe is no sign of congestion, RFC 8899 4.4). Acknowledged: the path carries that size, packets
 grow to it and the next candidate is tried. Lost ``MAX_PROBES`` times in a row: the search stops at the
@@ -41,8 +42,17 @@ class PathMtu:
         self._in_flight: int | None = None  # the size of the probe waiting for its ACK or loss
         self._failures = 0  # probes of the current candidate (or confirmations) lost in a row
         self._confirming = False  # a large packet was lost: check the current size still gets through
-        self._search_at: float | None = 0.0  # when to probe the next candidate (None: nothing to search)
+        self._search_at: float | None = None  # when to probe the next candidate (None: nothing to search)
+        self.started = False  # the search waits for traffic that fills packets (see start)
         self._deferred = False  # a search stopped: schedule it RAISE_TIMER from the next probe() call
+
+    def start(self) -> None:
+        """Search from now on: the connection sent a full-size packet, so larger ones would help. A
+        connection that never fills a packet (an idle mesh, requests) never probes: during a large mesh's
+        start, probing every new connection at once slowed convergence on a starved 2-vCPU machine."""
+        if not self.started:
+            self.started = True
+            self._search_at = 0.0
 
     @property
     def searching(self) -> bool:

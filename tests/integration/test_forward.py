@@ -184,7 +184,10 @@ async def test_oversize_datagrams_are_dropped_and_counted(mesh) -> None:
     nodes, forwarders = mesh
     alpha = forwarders["alpha"]
     assert alpha.payload_limit("beta") >= nodes["alpha"].max_datagram_payload - 4 == 1165
-    # Path MTU discovery grows the limit from there once the connection is up (loopback: to the cap).
+    # Path MTU discovery grows the limit from there once a packet went out full (loopback: to the cap).
+    client = Client(alpha.forward_address(0))
+    assert await client.round_trip(b"m" * 1165) == b"m" * 1165
+    client.close()
     grown = DEFAULT_CAP - DATAGRAM_PACKET_OVERHEAD - 4
     for _ in range(200):  # bounded: 10 s
         if alpha.payload_limit("beta") == grown:

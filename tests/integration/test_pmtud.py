@@ -36,6 +36,13 @@ async def test_packets_and_datagrams_grow_to_the_cap_on_loopback(tmp_path: Path)
         await beta.wait_connected(timeout=10)
         start = 1200 - DATAGRAM_PACKET_OVERHEAD
         assert alpha.max_datagram_payload == start  # the size every path carries, from the first packet
+        await asyncio.sleep(0.5)
+        assert alpha.features.datagram_limit("beta") == start + 1  # no probing before packets fill up
+        # Traffic that fills packets starts the search, each way on its own.
+        await asyncio.wait_for(alpha.send("beta", bytes(50_000)), 10)
+        await asyncio.wait_for(beta.send("alpha", bytes(50_000)), 10)
+        assert len((await asyncio.wait_for(beta.recv(), 5)).data) == 50_000
+        assert len((await asyncio.wait_for(alpha.recv(), 5)).data) == 50_000
         wanted = DEFAULT_CAP - DATAGRAM_PACKET_OVERHEAD + 1  # datagram_limit counts the kind byte
         assert await grown_limit(alpha, "beta", wanted) == wanted
         assert await grown_limit(beta, "alpha", wanted) == wanted

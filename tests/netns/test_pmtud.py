@@ -125,6 +125,9 @@ def test_packets_grow_to_the_ethernet_size_and_fall_back_on_a_black_hole(net: To
             timers=dataclasses.replace(config.timers, **TIMERS))))
     receiver = start_driver(net, directory, "b", "a")
     sender = start_driver(net, directory, "a", "b")
+    assert sender.ask("limit", "limit") == 1200 - 30  # no probing before a packet went out full
+    assert sender.ask("send 20000", "sent") < 5  # fills packets: the search starts
+    assert receiver.ask("limit", "received") == 20000
     # datagram_limit counts the kind byte: packet size - 30 bytes of QUIC around the frame's data
     assert wait_limit(sender, 1472 - 30) == 1472 - 30
     time.sleep(1.0)  # the probe of the next size (4096) cannot leave a 1500-byte link: it stays at 1472

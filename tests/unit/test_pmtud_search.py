@@ -5,8 +5,15 @@ from __future__ import annotations
 from quicmesh.transport.pmtud import LADDER, MAX_PROBES, RAISE_TIMER, PathMtu
 
 
+def started(base: int, cap: int) -> PathMtu:
+    mtu = PathMtu(base, cap)
+    assert mtu.probe(0.0) is None  # nothing before traffic fills a packet
+    mtu.start()
+    return mtu
+
+
 def test_search_climbs_the_ladder_to_the_cap_then_stops() -> None:
-    mtu = PathMtu(1200, 9000)
+    mtu = started(1200, 9000)
     assert mtu.candidates == [1452, 1472, 4096, 8952, 9000]
     for size in mtu.candidates:
         assert mtu.probe(0.0) == size
@@ -16,7 +23,7 @@ def test_search_climbs_the_ladder_to_the_cap_then_stops() -> None:
 
 
 def test_a_size_lost_max_probes_times_ends_the_search_until_the_raise_timer() -> None:
-    mtu = PathMtu(1200, 16384)
+    mtu = started(1200, 16384)
     assert mtu.probe(0.0) == 1452 and mtu.acked(1452)
     assert mtu.probe(0.0) == 1472 and mtu.acked(1472)
     for _ in range(MAX_PROBES):
@@ -29,14 +36,14 @@ def test_a_size_lost_max_probes_times_ends_the_search_until_the_raise_timer() ->
 
 
 def test_one_lost_probe_is_retried_and_a_later_ack_grows() -> None:
-    mtu = PathMtu(1200, 1452)
+    mtu = started(1200, 1452)
     assert mtu.probe(0.0) == 1452
     assert not mtu.lost(1452)
     assert mtu.probe(0.0) == 1452 and mtu.acked(1452) and mtu.size == 1452
 
 
 def test_black_hole_falls_back_to_the_base_and_searches_again_later() -> None:
-    mtu = PathMtu(1200, 1472)
+    mtu = started(1200, 1472)
     for size in (1452, 1472):
         assert mtu.probe(0.0) == size and mtu.acked(size)
     mtu.large_packet_lost()  # a full-size packet was lost: confirm the size
@@ -53,6 +60,6 @@ def test_black_hole_falls_back_to_the_base_and_searches_again_later() -> None:
 def test_nothing_to_probe_at_or_under_the_base() -> None:
     assert PathMtu(1200, 1200).candidates == []
     assert PathMtu(1452, 1500).candidates == [1472, 1500]
-    mtu = PathMtu(1200, 1200)
+    mtu = started(1200, 1200)
     mtu.large_packet_lost()  # packets are at the base: no confirmation
     assert mtu.probe(0.0) is None and LADDER[0] > 1200
