@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from quicmesh.errors import QuicmeshError
 from quicmesh.protocol import wire
 from quicmesh.protocol.wire.relay import Close, Connect, Offer, Reach, decode_relay_message, encode_relay_message
+from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD
 from quicmesh.runtime.features import FeatureBase, FeatureHost
 
 log = logging.getLogger("quicmesh.relay")
@@ -197,9 +198,9 @@ class RelayFeature(FeatureBase):
         for relay, reach in zip(nearest, answers):
             if reach is None or target not in reach:
                 continue
-            if self._host.datagram_limit(relay) < MIN_OUTER_PAYLOAD:
+            if self._sure_limit(relay) < MIN_OUTER_PAYLOAD:
                 refusals.append(f"{relay}: the connection to it carries datagrams of at most "
-                                f"{self._host.datagram_limit(relay)} bytes, relaying needs {MIN_OUTER_PAYLOAD} "
+                                f"{self._sure_limit(relay)} bytes, relaying needs {MIN_OUTER_PAYLOAD} "
                                 f"(raise limits.max_datagram_size to 1452)")
                 continue
             scored.append(((direct[relay] or 0.0) * 1e6 + reach[target], relay))
@@ -344,10 +345,17 @@ class RelayFeature(FeatureBase):
         if mine >= config.max_circuits_per_peer:
             return f"{source} has {mine} circuits through {me} (max_circuits_per_peer)"
         for end in (source, target):
-            if self._host.datagram_limit(end) < MIN_OUTER_PAYLOAD:
-                return (f"the connection {me}-{end} carries datagrams of at most {self._host.datagram_limit(end)} "
+            if self._sure_limit(end) < MIN_OUTER_PAYLOAD:
+                return (f"the connection {me}-{end} carries datagrams of at most {self._sure_limit(end)} "
                         f"bytes, relaying needs {MIN_OUTER_PAYLOAD} (limits.max_datagram_size 1452 on both)")
         return None
+
+    def _sure_limit(self, peer: str) -> int:
+        """The largest datagram (kind byte included) to ``peer`` whatever path MTU discovery finds later: the
+        connection's limit now, but never above what this node's base packet size carries (a black hole sends
+        packets back to it, and a circuit must not break then)."""
+        base = self._host.config.limits.max_datagram_size - DATAGRAM_PACKET_OVERHEAD + wire.DATAGRAM_OVERHEAD
+        return min(self._host.datagram_limit(peer), base)
 
     def _new_circuit_id(self) -> int:
         while self._next_circuit in self._circuits:
@@ -374,6 +382,11 @@ class RelayFeature(FeatureBase):
             raise RelayRefusedError(f"{offer.source} is not a configured peer of {config.node.name}")
         if offer.source == relay:
             raise RelayRefusedError(f"{relay} offered a circuit to itself")
+        if self._sure_limit(relay) < MIN_OUTER_PAYLOAD:  # our packets to the relay: the relay cannot see their base
+            raise RelayRefusedError(
+                f"the connection {relay}-{config.node.name} carries datagrams of at most {self._sure_limit(relay)} "
+                f"bytes from {config.node.name}, relaying needs {MIN_OUTER_PAYLOAD} (limits.max_datagram_size 1452 "
+                "on both)")
         via_relay = sum(1 for path in self._paths.values() if path.relay == relay)
         if via_relay >= config.relay.max_circuits_per_peer or len(self._paths) >= config.relay.max_circuits:
             raise RelayRefusedError(f"{config.node.name} has too many relayed circuits (max_circuits_per_peer "
