@@ -26,7 +26,7 @@ from quicmesh.runtime.connection import Connection, Transition
 from quicmesh.runtime.connections import Connections
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
-from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD, DatagramChannel
+from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvents
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.inbox import Inbox
@@ -130,7 +130,7 @@ def ready_connection(quic: MeshQuicConnection, peer: str, epoch: int, *, own_epo
     """A Connection moved to READY through its state machine, as Connections does once the peer's Hello came
     (``epoch``, ``features``...: that Hello's; ``dialed``: which side we play, whatever ``quic`` is). Our
     control stream is opened with our own Hello, so the other side's decoder takes what follows."""
-    connection = Connection(Link(conn_id=conn_id, quic=quic, dialed=dialed), quic_datagram_payload(quic))
+    connection = Connection(Link(conn_id=conn_id, quic=quic, dialed=dialed))
     connection.transition(Transition.VERIFIED)
     connection.peer = peer
     connection.control_stream = quic.get_next_available_stream_id(is_unidirectional=True)
@@ -141,11 +141,6 @@ def ready_connection(quic: MeshQuicConnection, peer: str, epoch: int, *, own_epo
     connection.batching = bool(features & wire.Feature.DATAGRAM_BATCH)
     connection.transition(Transition.HELLO)
     return connection
-
-
-def quic_datagram_payload(quic: MeshQuicConnection) -> int:
-    """The datagram payload a connection takes, from its QUIC packet size (as Connections computes it)."""
-    return quic.configuration.max_datagram_size - DATAGRAM_PACKET_OVERHEAD
 
 
 class QuicPair:

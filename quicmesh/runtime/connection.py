@@ -88,11 +88,8 @@ class Connection:
     """quicmesh's state for one QUIC connection: identity, control stream, streams in progress, and the
     per-connection parts of the channels (pending acks and early messages; requests out and served)."""
 
-    def __init__(self, link: Link, datagram_payload: int) -> None:
+    def __init__(self, link: Link) -> None:
         self.link = link
-        #: the largest datagram payload we take and send on it (its packet size less the overhead): from the
-        #: config for a direct connection, smaller for a relayed one (its packets ride in the relay's)
-        self.datagram_payload = datagram_payload
         self.state = ConnectionState.HANDSHAKING
         self.peer: str | None = None  # verified identity (node name), from VERIFIED on
         self.fingerprint: str | None = None

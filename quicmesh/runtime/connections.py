@@ -24,7 +24,7 @@ from quicmesh.runtime import dialing
 from quicmesh.runtime.connection import REASON_LIMIT, Connection, ConnectionState, Transition
 from quicmesh.runtime.context import Context
 from quicmesh.runtime.credentials import Credentials
-from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD, DatagramChannel
+from quicmesh.runtime.datagrams import DatagramChannel
 from quicmesh.runtime.events import PeerEvents
 from quicmesh.runtime.features import FeatureHost
 from quicmesh.runtime.messages import MessageChannel
@@ -97,7 +97,7 @@ class Connections:
             verify_peer=lambda chain: self._verify(chain, peer_name),
         )
         link = self.endpoint.new_relayed_client_link(quic, path)
-        self.by_id[link.conn_id] = Connection(link, RELAYED_PACKET_SIZE - DATAGRAM_PACKET_OVERHEAD)
+        self.by_id[link.conn_id] = Connection(link)
         self.mesh.inbound_started(link.conn_id, self._ctx.now())  # whose it is counts once it is ready
         self._reschedule()
 
@@ -259,7 +259,7 @@ class Connections:
             verify_peer=lambda chain: self._verify(chain, expect),
         )
         link = self.endpoint.new_client_link(quic)
-        connection = self.by_id[link.conn_id] = Connection(link, self._datagrams.max_payload)
+        connection = self.by_id[link.conn_id] = Connection(link)
         return connection
 
     async def _resolve_and_connect(self, connection: Connection, addresses: Sequence[tuple[str, int]],
@@ -337,8 +337,7 @@ class Connections:
 
     # --- LinkHandler: what the endpoint tells us -------------------------------------------------
     def link_accepted(self, link: Link) -> None:
-        payload = self._datagrams.max_payload if link.path is None else RELAYED_PACKET_SIZE - DATAGRAM_PACKET_OVERHEAD
-        connection = self.by_id[link.conn_id] = Connection(link, payload)
+        connection = self.by_id[link.conn_id] = Connection(link)
         if not self._ctx.running:
             self.close(connection, wire.ErrorCode.SHUTDOWN, "node is shutting down", quiet=True)
             return

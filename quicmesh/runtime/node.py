@@ -106,7 +106,8 @@ class Node:
 
     @property
     def max_datagram_payload(self) -> int:
-        """The largest payload :meth:`send_datagram` takes (peers may advertise a smaller one)."""
+        """The largest payload :meth:`send_datagram` takes before path MTU discovery (a peer's limit grows once
+        larger packets get through: ``node.features.datagram_limit(peer)``; peers may also take less)."""
         return self._datagrams.max_payload
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshkit import QuicPair, RecordingQuic, quic_datagram_payload, ready_connection
+from meshkit import QuicPair, RecordingQuic, ready_connection
 
 from quicmesh.protocol import wire
 from quicmesh.runtime.connection import (
@@ -38,7 +38,7 @@ QUIC = RecordingQuic()  # transitions never touch the QUIC connection: one serve
 
 
 def new_connection(quic: RecordingQuic = QUIC) -> Connection:
-    return Connection(Link(conn_id=7, quic=quic, dialed=True), quic_datagram_payload(quic))
+    return Connection(Link(conn_id=7, quic=quic, dialed=True))
 
 
 def test_table_matches_the_documented_moves_for_every_pair() -> None:
@@ -108,7 +108,7 @@ def test_send_control_writes_frames_on_the_control_stream_only_while_the_link_li
 
 def test_a_real_mutual_tls_handshake_walks_the_table(tmp_path: Path) -> None:
     pair = QuicPair(tmp_path)
-    connection = Connection(Link(conn_id=1, quic=pair.client, dialed=True), quic_datagram_payload(pair.client))
+    connection = Connection(Link(conn_id=1, quic=pair.client, dialed=True))
     assert connection.quic is pair.client and connection.conn_id == 1
     client_events, _ = pair.exchange()
     assert any(type(event).__name__ == "HandshakeCompleted" for event in client_events)
