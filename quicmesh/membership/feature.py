@@ -157,14 +157,15 @@ class MembershipFeature(FeatureBase):
         old = credentials.trust
         try:
             crl = x509.load_der_x509_crl(der)
+            number = _crl_number(crl)  # (parsed lazily: a malformed extension raises here)
+            issuer = crl.issuer
         except ValueError as error:
             self.crls_rejected += 1
             return False, f"not a DER CRL: {error}"
-        number = _crl_number(crl)
         current = self.crl_number()
         if current is not None and number <= current:
             return False, f"CRL number {number} is not newer than {current}"
-        kept = [other for other in old.crls if other.issuer != crl.issuer]
+        kept = [other for other in old.crls if other.issuer != issuer]
         try:
             trust = identity.TrustPolicy(old.ca_certs, old.mesh, [*kept, crl], old.denylist)
         except IdentityError as error:  # not signed by a CA of this mesh
