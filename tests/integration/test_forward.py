@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import subprocess
@@ -120,12 +121,21 @@ async def mesh(tmp_path: Path, echo_port: int):
             await nodes[name].stop()
 
 
+async def first_reply(client: Client, data: bytes, tries: int = 3) -> bytes:
+    """The first datagram through a fresh forward: forwarding is unreliable like UDP, so a busy machine may
+    lose it while the path settles; a few tries (bounded) tell a lost datagram from a broken route."""
+    for _ in range(tries - 1):
+        with contextlib.suppress(TimeoutError):
+            return await client.round_trip(data)
+    return await client.round_trip(data)
+
+
 async def test_round_trips_and_concurrent_clients_get_their_own_replies(mesh) -> None:
     nodes, forwarders = mesh
     alpha = forwarders["alpha"]
     clients = [Client(alpha.forward_address(0)) for _ in range(5)]
     try:
-        assert await clients[0].round_trip(b"hello") == b"hello"
+        assert await first_reply(clients[0], b"hello") == b"hello"
         for round_ in range(20):
             for index, client in enumerate(clients):
                 client.send(f"client {index} round {round_}".encode())

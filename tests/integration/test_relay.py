@@ -292,7 +292,11 @@ async def test_the_byte_budget_drops_and_counts(tmp_path: Path) -> None:
         assert 0 < got < 200
         await asyncio.sleep(1.0)  # the budget refills: reliable messages still cross
         await alpha.send("gamma", b"after")
-        assert await receive(gamma, 1) == [b"after"]
+        async with asyncio.timeout(WAIT):  # datagrams still queued may come first (a busy machine is slow)
+            late = 0
+            while (item := await gamma.recv()).data != b"after":
+                assert item.data == b"d" * 1000 and late < 200
+                late += 1
 
 
 async def test_a_direct_path_cut_mid_stream_fails_over_within_5_s_and_back(tmp_path: Path) -> None:
