@@ -235,9 +235,7 @@ class Endpoint:
         link.last_received = now
         link.quic.receive_datagram(data, path.address, now)
         self._process(link)
-        if self._dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_dirty)
+        self._schedule_flush()
 
     def _accept_relayed(self, data: bytes, path: RelayPath) -> Link | None:
         header = self._long_header(data)
@@ -269,9 +267,7 @@ class Endpoint:
         """Something was queued on the connection: flush it at the end of this loop iteration."""
         link.ack_now = True
         self._dirty[link.conn_id] = link
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_dirty)
+        self._schedule_flush()
 
     def _register(self, quic: MeshQuicConnection, *, dialed: bool, path: RelayPath | None = None) -> Link:
         link = Link(conn_id=self._next_conn_id, quic=quic, dialed=dialed, path=path)
@@ -326,11 +322,7 @@ class Endpoint:
                 last_ancillary = ancillary
                 self._arrival_source = self._source_for(ancillary)
             self._datagram_received(data, (addr[0], addr[1]), now)
-        # Flush (ACKs, replies) on the next turn of the loop, after the tasks woken by what just arrived:
-        # the application sees a datagram before our ACK's sendto (which, on loopback, costs tens of us).
-        if self._dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_dirty)
+        self._schedule_flush()
 
     def _source_for(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]] | None:
         """The cmsg that sends from the address a packet arrived at (None: let the kernel choose)."""
@@ -468,6 +460,13 @@ class Endpoint:
                 handler.link_event(link, event)
         self._dirty[link.conn_id] = link
 
+    def _schedule_flush(self) -> None:
+        """Flush (ACKs, replies) on the next turn of the loop, after the tasks woken by what just arrived:
+        the application sees a datagram before our ACK is built and sent (tens to hundreds of us)."""
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_dirty)
+
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
         while self._dirty:
@@ -565,7 +564,10 @@ class Endpoint:
             return
         link.quic.handle_timer(now=self._loop.time())
         self._process(link)
-        self._flush_dirty()
+        # A timer due when a packet arrives (aioquic's 1 ms ACK delay at a few thousand packets/s; epoll
+        # wakes timers up to 1 ms late) runs in the same turn as the read: its flush waits behind the task
+        # the packet woke, which would otherwise see its datagram only after our ACK went out.
+        self._schedule_flush()
 
 
 def _enable_pktinfo(sock: socket.socket) -> bool:
