@@ -46,6 +46,11 @@ _SMALLEST_INITIAL = 1200
 #: A packet after this long without one is acknowledged at once (see Link.ack_now); within a burst, ACKs
 #: keep aioquic's delay, which lets one ACK cover many packets.
 _QUIET = 0.1
+#: A link touched this many times since its last flush is flushed at once rather than at the end of the
+#: loop turn: the peer starts on the first writes while we make the rest (64 messages in flight, all sent
+#: in one turn, went out as one 16 KiB packet once path MTU discovery grew packets, and the two ends took
+#: turns: 20-23k acked messages/s; flushing every 32 writes: 29-38k; 16 or 48: less, bench/compare)
+_FLUSH_AFTER_TOUCHES = 32
 
 # UDP generic segmentation offload (Linux >= 4.18): several equal-sized packets to one address leave in ONE
 # sendmsg, which the kernel splits. Measured with `python -m quicmesh.bench.compare`: the sending side's CPU
@@ -91,6 +96,8 @@ class Link:
     #: ride on, or the first packet after a quiet spell arrived (a keepalive PING: answered at once
     #: instead of by a timer 1 ms later, one wake-up less per keepalive on an idle mesh)
     ack_now: bool = False
+    #: writes queued since the last flush (see _FLUSH_AFTER_TOUCHES)
+    touches: int = 0
     #: a relayed link's circuit: its packets go through ``path.send``, not the socket (None: direct)
     path: RelayPath | None = None
 
@@ -264,8 +271,14 @@ class Endpoint:
         return sum(1 for link in self._handshaking if link.handshaking())
 
     def touch(self, link: Link) -> None:
-        """Something was queued on the connection: flush it at the end of this loop iteration."""
+        """Something was queued on the connection: flush it at the end of this loop iteration (at once
+        after _FLUSH_AFTER_TOUCHES of them)."""
         link.ack_now = True
+        link.touches += 1
+        if link.touches >= _FLUSH_AFTER_TOUCHES:
+            self._dirty.pop(link.conn_id, None)
+            self._flush(link)
+            return
         self._dirty[link.conn_id] = link
         self._schedule_flush()
 
@@ -476,6 +489,7 @@ class Endpoint:
     def _flush(self, link: Link) -> None:
         if link.terminated:
             return
+        link.touches = 0
         self._handler.before_flush(link)
         if link.ack_now:
             link.ack_now = False

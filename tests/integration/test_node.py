@@ -163,6 +163,23 @@ async def test_a_reply_carries_the_ack_of_its_request(mesh3: dict[str, Node]) ->
     assert count <= sent <= count * 1.1, f"beta sent {sent} packets for {count} replies"
 
 
+async def test_many_writes_in_one_turn_start_leaving_before_the_turn_ends(mesh3: dict[str, Node]) -> None:
+    """Messages queued in one loop turn are flushed every 32 writes, not only when the turn ends: the peer
+    starts on the first ones while the sender makes the rest (with 16 KiB packets a whole 64-message window
+    went out as one packet and the two ends took turns)."""
+    alpha, beta = mesh3["alpha"], mesh3["beta"]
+    got: list[bytes] = []
+    beta.set_receive_handler(lambda item: got.append(item.data))
+    await alpha.send("beta", b"warm-up")
+    await asyncio.sleep(0.1)  # let the warm-up's ACKs settle
+    before = alpha.socket_counters()["packets_out"]
+    sends = [asyncio.ensure_future(alpha.send("beta", index.to_bytes(2, "big"))) for index in range(40)]
+    await asyncio.sleep(0)  # the 40 sends take their first step (to the wire's queue) in the turn before us
+    assert alpha.socket_counters()["packets_out"] > before, "nothing left before the end of the turn"
+    await asyncio.wait_for(asyncio.gather(*sends), timeout=5)
+    assert sorted(got[1:]) == [index.to_bytes(2, "big") for index in range(40)]
+
+
 @pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
 async def test_a_wildcard_listener_answers_from_the_address_it_was_dialed_at(tmp_path: Path, wildcard: str) -> None:
     """alpha listens on a wildcard address and is dialed at 127.0.0.7, one of the host's other addresses.
