@@ -107,7 +107,7 @@ class Node:
     @property
     def max_datagram_payload(self) -> int:
         """The largest payload :meth:`send_datagram` takes before path MTU discovery (a peer's limit grows once
-        larger packets get through: ``node.features.datagram_limit(peer)``; peers may also take less)."""
+        larger packets get through, see :meth:`datagram_limit`; peers may also take less)."""
         return self._datagrams.max_payload
 
     @property
@@ -248,6 +248,13 @@ class Node:
     def send_datagram(self, peer: str, data: bytes) -> None:
         """Send an unreliable datagram to a connected peer (dropped and counted if its queue is full)."""
         self._datagrams.send(peer, data)
+
+    def datagram_limit(self, peer: str) -> int:
+        """The largest payload :meth:`send_datagram` takes for ``peer`` now: what its connection's packets carry
+        (path MTU discovery grows them) and its node accepts; ``max_datagram_payload`` while not connected."""
+        target = self._ctx.peer_or_raise(peer)
+        connection = target.usable_connection
+        return self._datagrams.limit(connection) if connection is not None else self._datagrams.max_payload
 
     def datagram_backlog(self, peer: str) -> int:
         """Datagrams for ``peer`` not yet on the wire (local queue + QUIC's): lets a sender pace itself."""

@@ -12,7 +12,7 @@ import pytest
 
 from meshkit import make_mesh
 from quicmesh import Node
-from quicmesh.errors import DatagramTooLargeError
+from quicmesh.errors import DatagramTooLargeError, UnknownPeerError
 from quicmesh.runtime.datagrams import DATAGRAM_PACKET_OVERHEAD
 from quicmesh.transport.pmtud import DEFAULT_CAP
 
@@ -38,6 +38,7 @@ async def test_packets_and_datagrams_grow_to_the_cap_on_loopback(tmp_path: Path)
         assert alpha.max_datagram_payload == start  # the size every path carries, from the first packet
         await asyncio.sleep(0.5)
         assert alpha.features.datagram_limit("beta") == start + 1  # no probing before packets fill up
+        assert alpha.datagram_limit("beta") == start
         # Traffic that fills packets starts the search, each way on its own.
         await asyncio.wait_for(alpha.send("beta", bytes(50_000)), 10)
         await asyncio.wait_for(beta.send("alpha", bytes(50_000)), 10)
@@ -46,6 +47,9 @@ async def test_packets_and_datagrams_grow_to_the_cap_on_loopback(tmp_path: Path)
         wanted = DEFAULT_CAP - DATAGRAM_PACKET_OVERHEAD + 1  # datagram_limit counts the kind byte
         assert await grown_limit(alpha, "beta", wanted) == wanted
         assert await grown_limit(beta, "alpha", wanted) == wanted
+        assert alpha.datagram_limit("beta") == wanted - 1 == beta.datagram_limit("alpha")
+        with pytest.raises(UnknownPeerError):
+            alpha.datagram_limit("nobody")
         payload = os.urandom(wanted - 1)
         alpha.send_datagram("beta", payload)
         item = await asyncio.wait_for(beta.recv(), 5)
