@@ -80,7 +80,7 @@ class DatagramChannel:
             return
         queue.append(wire.app_batch_entry(data))  # to QUIC at the flush, packed with its neighbours
         target.counters.bytes_out += size
-        if len(queue) == 1:
+        if len(queue) == 1:  # the flush takes the whole queue
             ctx.touch(connection)
 
     def send_frame(self, peer: str, datagram: bytes, payload_size: int) -> str | None:
@@ -96,7 +96,8 @@ class DatagramChannel:
             return "queue full"
         queue.append(wire.batch_entry(datagram))
         target.counters.bytes_out += payload_size
-        self._ctx.touch(connection)
+        if len(queue) == 1:  # one touch per queue-full: touches count towards an early flush (endpoint)
+            self._ctx.touch(connection)
         return None
 
     def backlog(self, peer: str) -> int:
