@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol
@@ -58,6 +59,25 @@ def make_mesh(
             config = with_timers(config, keepalive=0.2, dead_after=1.0, backoff_min=0.05, backoff_max=0.5)
         configs[name] = config
     return configs
+
+
+async def settled(nodes: Iterable[Node], timeout: float = 5.0, quiet: float = 0.3) -> None:
+    """Until every node holds one connection per connected peer and that held for ``quiet`` seconds: at
+    start both ends of a pair dial, and the tie-break closes one a little later (a datagram sent on the
+    closed one is lost, a path MTU search on it is forgotten). TimeoutError otherwise."""
+    nodes = list(nodes)
+    loop = asyncio.get_running_loop()
+    since: float | None = None
+    async with asyncio.timeout(timeout):
+        while True:
+            single = all(len(node._connections.by_id) == len(node.connected_peers()) for node in nodes)
+            if not single:
+                since = None
+            elif since is None:
+                since = loop.time()
+            elif loop.time() - since >= quiet:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def wait_rejection(node: Node, needle: str, timeout: float = 5.0) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshkit import make_mesh, with_limits
+from meshkit import make_mesh, settled, with_limits
 from quicmesh import Node
 from quicmesh.config import Address, Config, ForwardConfig, ServiceConfig
 from quicmesh.forwarding.forwarder import Forwarder
@@ -113,6 +113,7 @@ async def mesh(tmp_path: Path, echo_port: int):
             await nodes[name].start()
         for node in nodes.values():
             await node.wait_connected(timeout=10)
+        await settled(nodes.values())  # the duplicate connections' tie-break is over: none closes under a test
         await until(lambda: forward_status(forwarders["alpha"])["state"] == "ready")
         yield nodes, forwarders
     finally:
@@ -121,13 +122,14 @@ async def mesh(tmp_path: Path, echo_port: int):
             await nodes[name].stop()
 
 
-async def first_reply(client: Client, data: bytes, tries: int = 3) -> bytes:
-    """The first datagram through a fresh forward: forwarding is unreliable like UDP, so a busy machine may
-    lose it while the path settles; a few tries (bounded) tell a lost datagram from a broken route."""
-    for _ in range(tries - 1):
+async def first_reply(client: Client, data: bytes, tries: int = 3) -> tuple[bytes, int]:
+    """The first datagram through a fresh forward, and how many times it was sent: forwarding is unreliable
+    like UDP, so a busy machine may lose it while the path settles (e.g. on a connection closed as a
+    duplicate); a few tries (bounded) tell a lost datagram from a broken route."""
+    for sent in range(1, tries):
         with contextlib.suppress(TimeoutError):
-            return await client.round_trip(data)
-    return await client.round_trip(data)
+            return await client.round_trip(data), sent
+    return await client.round_trip(data), tries
 
 
 async def test_round_trips_and_concurrent_clients_get_their_own_replies(mesh) -> None:
@@ -135,7 +137,8 @@ async def test_round_trips_and_concurrent_clients_get_their_own_replies(mesh) ->
     alpha = forwarders["alpha"]
     clients = [Client(alpha.forward_address(0)) for _ in range(5)]
     try:
-        assert await first_reply(clients[0], b"hello") == b"hello"
+        reply, hellos = await first_reply(clients[0], b"hello")
+        assert reply == b"hello"
         for round_ in range(20):
             for index, client in enumerate(clients):
                 client.send(f"client {index} round {round_}".encode())
@@ -143,10 +146,12 @@ async def test_round_trips_and_concurrent_clients_get_their_own_replies(mesh) ->
                 assert await client.recv() == f"client {index} round {round_}".encode()
         status = forward_status(alpha)
         assert status["flows_active"] == 5 and status["counters"]["flows_opened"] == 5
-        assert status["counters"]["datagrams_out"] == status["counters"]["datagrams_in"] == 101
-        assert {flow["counters"]["datagrams_out"] for flow in status["flows"]} == {21, 20}
+        # Every hello sent counts out; a lost one (or its lost reply) does not come back in.
+        assert status["counters"]["datagrams_out"] == 100 + hellos
+        assert 101 <= status["counters"]["datagrams_in"] <= 100 + hellos
+        assert {flow["counters"]["datagrams_out"] for flow in status["flows"]} == {20 + hellos, 20}
         served = service_status(forwarders["beta"], "echo")
-        assert served["flows_active"] == 5 and served["counters"]["datagrams_in"] == 101
+        assert served["flows_active"] == 5 and 101 <= served["counters"]["datagrams_in"] <= 100 + hellos
         assert {flow["peer"] for flow in served["flows"]} == {"alpha"}
     finally:
         for client in clients:
