@@ -102,7 +102,8 @@ def test_request_is_echoed_without_an_application(cli, shared_mesh: RunningMesh)
 
 @pytest.mark.parametrize("args, expected", [
     (["send", "zeta", "x"], "'zeta' is not a configured peer or known member of alpha"),
-    (["send", "--datagram", "beta", "x" * 2000], "datagram of 2000 bytes exceeds max_datagram_payload"),
+    # Larger than any packet (path MTU discovery may have grown alpha's to 16 KiB on loopback by now).
+    (["send", "--datagram", "beta", "x" * 20_000], "datagram of 20000 bytes exceeds max_datagram_payload"),
     (["request", "zeta", "x"], "'zeta' is not a configured peer or known member of alpha"),
 ])
 def test_send_errors_are_one_line(cli, shared_mesh: RunningMesh, args: list[str], expected: str) -> None:
