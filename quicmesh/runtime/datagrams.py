@@ -52,6 +52,12 @@ class DatagramChannel:
         hello = connection.hello
         return min(own, hello.max_datagram_payload) if hello is not None else own
 
+    def peer_limit(self, peer: Peer | None) -> int:
+        """The largest payload that goes to ``peer`` now (see :meth:`limit`); this node's base one while it
+        has no connection (or is unknown)."""
+        connection = peer.connection if peer is not None else None
+        return self.limit(connection) if connection is not None else self.max_payload
+
     @staticmethod
     def accepted_payload(connection: Connection) -> int:
         """The largest payload this node takes on ``connection`` (its Hello says so): what the largest packet
@@ -96,7 +102,7 @@ class DatagramChannel:
             return "queue full"
         queue.append(wire.batch_entry(datagram))
         target.counters.bytes_out += payload_size
-        if len(queue) == 1:  # one touch per queue-full: touches count towards an early flush (endpoint)
+        if len(queue) == 1:  # one touch while the queue waits: touches count towards an early flush (endpoint)
             self._ctx.touch(connection)
         return None
 

@@ -187,10 +187,7 @@ class FeatureHost:
 
     def datagram_limit(self, peer: str) -> int:
         """The largest datagram (kind byte included) ``peer`` takes now (our own limit if not connected)."""
-        target = self._ctx.peers.get(peer)
-        connection = target.connection if target is not None else None
-        payload = self._datagrams.limit(connection) if connection is not None else self._datagrams.max_payload
-        return payload + wire.DATAGRAM_OVERHEAD
+        return self._datagrams.peer_limit(self._ctx.peers.get(peer)) + wire.DATAGRAM_OVERHEAD
 
     def send_datagram(self, peer: str, datagram: bytes, payload_size: int) -> str | None:
         """Queue a whole datagram (kind byte first) behind the peer's other datagrams: None if queued, else

@@ -252,9 +252,7 @@ class Node:
     def datagram_limit(self, peer: str) -> int:
         """The largest payload :meth:`send_datagram` takes for ``peer`` now: what its connection's packets carry
         (path MTU discovery grows them) and its node accepts; ``max_datagram_payload`` while not connected."""
-        target = self._ctx.peer_or_raise(peer)
-        connection = target.usable_connection
-        return self._datagrams.limit(connection) if connection is not None else self._datagrams.max_payload
+        return self._datagrams.peer_limit(self._ctx.peer_or_raise(peer))
 
     def datagram_backlog(self, peer: str) -> int:
         """Datagrams for ``peer`` not yet on the wire (local queue + QUIC's): lets a sender pace itself."""
