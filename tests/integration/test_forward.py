@@ -204,12 +204,13 @@ async def test_oversize_datagrams_are_dropped_and_counted(mesh) -> None:
     assert await client.round_trip(b"m" * 1165) == b"m" * 1165
     client.close()
     grown = DEFAULT_CAP - DATAGRAM_PACKET_OVERHEAD - 4
-    for _ in range(200):  # bounded: 10 s
-        if alpha.payload_limit("beta") == grown:
+    beta = forwarders["beta"]
+    for _ in range(200):  # bounded: 10 s; each direction searches on its own (the echo's reply comes back)
+        if alpha.payload_limit("beta") == grown == beta.payload_limit("alpha"):
             break
         await asyncio.sleep(0.05)
     limit = alpha.payload_limit("beta")
-    assert limit == grown
+    assert limit == grown == beta.payload_limit("alpha")
     client = Client(alpha.forward_address(0))
     try:
         assert await client.round_trip(b"m" * limit) == b"m" * limit
